@@ -1,0 +1,244 @@
+"""Run configuration: pydantic models, YAML loading and ``key=value`` overrides.
+
+This module is the one home of defaults. Every model forbids unknown keys, so a misspelt key is an error that names
+the nearest valid key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from memlens.errors import MemlensError
+from memlens.provenance import json_hash
+
+LogicalTarget = Literal["q", "k", "v", "o", "qkv", "gate", "up", "down"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitSpec(_Strict):
+    """Which records to draw, from which split of the source."""
+
+    split: str | None = Field(
+        None, description="split name (phee/synthetic: train, dev, test; jsonl/csv: all); None = the source's default"
+    )
+    n: int | None = Field(None, ge=1, description="number of records, drawn at random with data.seed; None = all")
+
+
+class CanarySpec(_Strict):
+    """Repetition of chosen member records (the paper's 'canaries')."""
+
+    repeats: int = Field(1, ge=1, description="times each canary appears in the training set (1 = data unchanged)")
+    count: int = Field(1, ge=1, description="number of distinct canaries (the paper uses one per model)")
+    mode: Literal["overwrite", "add"] = Field(
+        "overwrite",
+        description="overwrite: replace repeats-1 other members by copies (the paper's code, size unchanged); "
+        "add: append repeats-1 copies",
+    )
+
+
+class DataConfig(_Strict):
+    source: str = Field("synthetic", description="phee | synthetic | jsonl:PATH | csv:PATH")
+    path: str | None = Field(None, description="PHEE folder; without it: $MEMLENS_PHEE_DIR, the cache, a download")
+    allow_download: bool = Field(False, description="let the PHEE reader download the pinned upstream files")
+    synthetic_size: int = Field(4827, ge=10, description="records of the synthetic corpus (split like PHEE)")
+    members: SplitSpec = Field(default_factory=lambda: SplitSpec(split=None, n=None))
+    nonmembers: SplitSpec = Field(default_factory=lambda: SplitSpec(split=None, n=None))
+    canary: CanarySpec = Field(default_factory=CanarySpec)
+    overlap: Literal["drop", "warn", "error"] = Field(
+        "drop", description="what to do with non-members that duplicate a member (exactly or nearly)"
+    )
+    near_duplicate_threshold: float = Field(
+        0.8, gt=0.0, le=1.0, description="Jaccard similarity of word 3-gram sets at which two texts are near-duplicates"
+    )
+    seed: int = Field(0, description="seed of the member/non-member draws and of the canary choice")
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        kind, _, path = v.partition(":")
+        if kind in ("phee", "synthetic") and not path:
+            return v
+        if kind in ("jsonl", "csv") and path:
+            return v
+        raise ValueError(f"unknown source {v!r}: expected phee, synthetic, jsonl:PATH or csv:PATH")
+
+
+class LoraConfig(_Strict):
+    targets: list[LogicalTarget] = Field(default_factory=lambda: ["v"], min_length=1)
+    rank: int = Field(1, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (used by the fixed and rslora rules)")
+    alpha_rule: Literal["fixed", "proportional", "rslora"] = Field(
+        "fixed", description="fixed: scale alpha/r (the paper); proportional: alpha=2r, scale 2; rslora: alpha/sqrt(r)"
+    )
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"targets repeat a matrix: {v}")
+        return v
+
+    @property
+    def effective_alpha(self) -> float:
+        return 2.0 * self.rank if self.alpha_rule == "proportional" else self.alpha
+
+    @property
+    def scaling(self) -> float:
+        """The factor that multiplies B @ A in the adapted layer."""
+        if self.alpha_rule == "rslora":
+            return self.alpha / self.rank**0.5
+        return self.effective_alpha / self.rank
+
+
+class TrainConfig(_Strict):
+    method: Literal["lora", "full"] = Field("lora", description="lora, or full fine-tuning (every weight)")
+    epochs: float = Field(3.0, gt=0, description="passes over the training set (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1.0e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="after warm-up")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; None = off")
+    seed: int = Field(0, description="seed of LoRA initialisation, dropout and batch order")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32")
+    add_bos: bool = Field(True, description="prepend the BOS token (the paper's default); it is never a target")
+    max_length: int | None = Field(None, ge=2, description="truncate longer sequences (tokens, BOS included)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    eval_members: bool = Field(True, description="score the members' mean NLL before and after training")
+
+
+class RunConfig(_Strict):
+    """One fine-tuning run: model, data, adapter and training."""
+
+    model: str = Field("tiny", description="alias (smollm2-135m, gemma3-270m, tiny) | hub id | local folder")
+    trust_remote_code: bool = Field(False, description="let a hub model run its own code (off unless asked)")
+    allow_download: bool = Field(False, description="let a hub id be downloaded (otherwise the local cache only)")
+    name: str | None = Field(None, description="run name; None = derived from the config hash")
+    output_dir: str = Field("runs", description="folder that receives one sub-folder per run")
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.train.dtype == "float16" and self.train.method == "full":
+            raise ValueError("train.dtype=float16 with train.method=full has no loss scaling; use bfloat16 or float32")
+        return self
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved config, without fields that do not change results."""
+        d = self.model_dump(mode="json")
+        for k in ("name", "output_dir"):
+            d.pop(k)
+        return json_hash(d)
+
+
+# ---------------------------------------------------------------------------------------------- loading and overrides
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _nearest(key: str, model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(key, _known_keys(model), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel], where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key {loc!r}{_nearest(loc, model)}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {loc or 'config'}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[x, y]"]`` into a nested dict; values are parsed as YAML scalars or lists."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise MemlensError(f"override {item!r}: expected key=value, e.g. lora.rank=8")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise MemlensError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise MemlensError(f"override {item!r}: {p!r} is set to a value and also used as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MemlensError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise MemlensError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise MemlensError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MemlensError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: dict[str, Any], model: type[BaseModel] = RunConfig, where: str = "config") -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise MemlensError(_format_validation_error(e, model, where)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = RunConfig):
+    """Read a YAML config (or start from the defaults), apply ``key=value`` overrides and validate it."""
+    raw = read_yaml(path) if path is not None else {}
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides))
+    return validate(raw, model, where=str(path) if path is not None else "config")
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

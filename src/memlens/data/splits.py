@@ -1,0 +1,249 @@
+"""Members, non-members and canaries, drawn by a seeded rule, with a manifest of what was used.
+
+Rules
+-----
+* Members come from ``data.members.split`` and non-members from ``data.nonmembers.split``. When both name the same
+  split, they are disjoint draws from one seeded permutation of it; otherwise each is a seeded sample of its split.
+  ``n = None`` takes the whole split. The paper's default is members = PHEE train, non-members = PHEE test.
+* Canaries (``data.canary``): ``count`` members are chosen at random and each appears ``repeats`` times in the
+  training set, either by overwriting ``repeats - 1`` other members (the paper's code; the training set keeps its
+  size and the overwritten records are *displaced*: in neither the member nor the non-member set) or by adding
+  copies.
+* Non-members that duplicate a member, exactly or nearly (Jaccard of word 3-gram sets), are dropped, reported or
+  refused (``data.overlap``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memlens.config import DataConfig
+from memlens.data import phee, synthetic
+from memlens.data.records import Record, file_sha256, read_csv, read_jsonl
+from memlens.errors import MemlensError
+from memlens.provenance import json_hash
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------------ corpora
+
+
+@dataclass
+class Corpus:
+    """Records per split, and the files (with sha256) they were read from."""
+
+    source: str
+    splits: dict[str, list[Record]]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def default_member_split(self) -> str:
+        return "train" if "train" in self.splits else "all"
+
+    @property
+    def default_nonmember_split(self) -> str:
+        return "test" if "test" in self.splits else "all"
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    kind, _, path = cfg.source.partition(":")
+    if kind == "phee":
+        folder = phee.locate(cfg.path, cfg.allow_download)
+        files = {f"{s}.json": file_sha256(folder / f"{s}.json") for s in phee.SPLITS}
+        return Corpus("phee", {s: phee.read_split(folder / f"{s}.json", s) for s in phee.SPLITS}, files)
+    if kind == "synthetic":
+        return Corpus("synthetic", synthetic.load(cfg.synthetic_size, seed=0), {})
+    p = Path(path).expanduser()
+    records = read_jsonl(p) if kind == "jsonl" else read_csv(p)
+    return Corpus(cfg.source, {"all": records}, {p.name: file_sha256(p)})
+
+
+# ------------------------------------------------------------------------------------------------- near-duplicates
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _shingles(text: str, n: int = 3) -> frozenset[str]:
+    words = normalise(text).split()
+    if len(words) < n:
+        return frozenset([" ".join(words)])
+    return frozenset(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+@dataclass(frozen=True)
+class Overlap:
+    a_id: str
+    b_id: str
+    kind: str  # "exact" (same normalised text) or "near"
+    similarity: float
+
+
+def find_overlaps(a: list[Record], b: list[Record], threshold: float = 0.8) -> list[Overlap]:
+    """Pairs (x in a, y in b) whose normalised texts are equal, or whose word 3-gram Jaccard is >= threshold.
+
+    Candidate pairs come from an inverted index of shingles, so the cost follows the number of pairs that share a
+    3-gram, not |a| x |b|.
+    """
+    index: dict[str, list[int]] = defaultdict(list)
+    a_sh = [_shingles(r.text) for r in a]
+    a_norm = [normalise(r.text) for r in a]
+    for i, sh in enumerate(a_sh):
+        for s in sh:
+            index[s].append(i)
+    out = []
+    for y in b:
+        y_sh, y_norm = _shingles(y.text), normalise(y.text)
+        counts: dict[int, int] = defaultdict(int)
+        for s in y_sh:
+            for i in index.get(s, ()):
+                counts[i] += 1
+        for i, inter in counts.items():
+            jac = inter / (len(a_sh[i]) + len(y_sh) - inter)
+            if a_norm[i] == y_norm:
+                out.append(Overlap(a[i].id, y.id, "exact", 1.0))
+            elif jac >= threshold:
+                out.append(Overlap(a[i].id, y.id, "near", round(jac, 4)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Split:
+    """What a run trains on and what it audits.
+
+    ``train`` is the training list (canaries repeated); ``members`` the distinct records in it; ``nonmembers``
+    records never trained on; ``canaries`` maps a canary id to its number of copies in ``train``.
+    """
+
+    train: list[Record]
+    members: list[Record]
+    nonmembers: list[Record]
+    canaries: dict[str, int]
+    displaced: list[Record]
+    overlaps: list[Overlap]
+    manifest: dict[str, Any]
+
+
+def _draw(pool: list[Record], n: int | None, rng: random.Random, what: str, split: str) -> list[Record]:
+    if n is None:
+        return list(pool)
+    if n > len(pool):
+        raise MemlensError(f"data.{what}.n: {n} records asked from split {split!r}, which holds {len(pool)}")
+    return rng.sample(pool, n)
+
+
+def make_split(corpus: Corpus, cfg: DataConfig) -> Split:
+    m_split = cfg.members.split or corpus.default_member_split
+    n_split = cfg.nonmembers.split or corpus.default_nonmember_split
+    for what, name in (("members", m_split), ("nonmembers", n_split)):
+        if name not in corpus.splits:
+            raise MemlensError(
+                f"data.{what}.split: {name!r} is not a split of {corpus.source} (has {', '.join(corpus.splits)})"
+            )
+    rng = random.Random(cfg.seed)
+    if m_split == n_split:
+        pool = list(corpus.splits[m_split])
+        rng.shuffle(pool)
+        n_m = cfg.members.n if cfg.members.n is not None else None
+        n_n = cfg.nonmembers.n
+        if n_m is None or n_n is None:
+            raise MemlensError(
+                f"data.members.n and data.nonmembers.n must both be set when both draw from split {m_split!r}"
+            )
+        if n_m + n_n > len(pool):
+            raise MemlensError(
+                f"data.members.n + data.nonmembers.n = {n_m + n_n} exceeds the {len(pool)} records of split {m_split!r}"
+            )
+        members, nonmembers = pool[:n_m], pool[n_m : n_m + n_n]
+    else:
+        members = _draw(corpus.splits[m_split], cfg.members.n, rng, "members", m_split)
+        nonmembers = _draw(corpus.splits[n_split], cfg.nonmembers.n, rng, "nonmembers", n_split)
+
+    train, canaries, displaced = apply_canaries(members, cfg.canary.repeats, cfg.canary.count, cfg.canary.mode, rng)
+    displaced_ids = {r.id for r in displaced}
+    members = [r for r in members if r.id not in displaced_ids]
+
+    overlaps = find_overlaps(members, nonmembers, cfg.near_duplicate_threshold)
+    if overlaps:
+        ids = sorted({o.b_id for o in overlaps})
+        msg = f"{len(ids)} non-member(s) duplicate a member ({sum(o.kind == 'exact' for o in overlaps)} exact): " + (
+            ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+        )
+        if cfg.overlap == "error":
+            raise MemlensError(f"data.overlap=error: {msg}")
+        if cfg.overlap == "drop":
+            log.warning("%s; dropped from the non-members", msg)
+            nonmembers = [r for r in nonmembers if r.id not in set(ids)]
+        else:
+            log.warning(msg)
+    if not members or not nonmembers:
+        raise MemlensError("the split leaves no members or no non-members")
+    split = Split(train, members, nonmembers, canaries, displaced, overlaps, {})
+    split.manifest = build_manifest(corpus, cfg, split, m_split, n_split)
+    return split
+
+
+def apply_canaries(
+    members: list[Record], repeats: int, count: int, mode: str, rng: random.Random
+) -> tuple[list[Record], dict[str, int], list[Record]]:
+    """Return (training list, {canary id: copies}, displaced records). ``repeats == 1`` leaves the data unchanged."""
+    if repeats == 1:
+        return list(members), {}, []
+    needed = count * repeats if mode == "overwrite" else count
+    if needed > len(members):
+        raise MemlensError(
+            f"data.canary: {count} canaries x {repeats} repeats need {needed} members, but there are {len(members)}"
+        )
+    positions = rng.sample(range(len(members)), needed)
+    train = list(members)
+    canary_pos = positions[:count]
+    canaries = {members[p].id: repeats for p in canary_pos}
+    displaced = []
+    if mode == "overwrite":
+        # As in the paper's code: each of the repeats-1 chosen rows is replaced, id and all, by the canary.
+        for c, p in enumerate(canary_pos):
+            for q in positions[count + c * (repeats - 1) : count + (c + 1) * (repeats - 1)]:
+                displaced.append(members[q])
+                train[q] = members[p]
+    else:
+        for p in canary_pos:
+            train.extend([members[p]] * (repeats - 1))
+    return train, canaries, displaced
+
+
+def build_manifest(corpus: Corpus, cfg: DataConfig, split: Split, m_split: str, n_split: str) -> dict[str, Any]:
+    """Ids and text hashes of everything used (never the raw text), counts, seed, and the manifest's own hash."""
+    body = {
+        "source": corpus.source,
+        "files": corpus.files,
+        "seed": cfg.seed,
+        "member_split": m_split,
+        "nonmember_split": n_split,
+        "counts": {
+            "train": len(split.train),
+            "members": len(split.members),
+            "nonmembers": len(split.nonmembers),
+            "canaries": len(split.canaries),
+            "displaced": len(split.displaced),
+            "overlaps": len(split.overlaps),
+        },
+        "canaries": split.canaries,
+        "members": [[r.id, r.text_hash] for r in split.members],
+        "nonmembers": [[r.id, r.text_hash] for r in split.nonmembers],
+        "train": [r.id for r in split.train],
+        "displaced": [r.id for r in split.displaced],
+        "overlaps": [[o.a_id, o.b_id, o.kind, o.similarity] for o in split.overlaps],
+    }
+    body["hash"] = json_hash(body)
+    return body

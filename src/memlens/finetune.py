@@ -1,0 +1,296 @@
+"""LoRA (or full) fine-tuning: a plain PyTorch loop, and the ``memlens finetune`` recipe around it.
+
+The loop follows the paper's set-up (the Hugging Face Trainer defaults it ran under): AdamW (betas 0.9/0.999, eps
+1e-8), linear warm-up from 0 then linear decay, gradient clipping at 1.0, causal-LM loss on every token after the
+BOS, averaged over the tokens of each optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memlens.config import LoraConfig, RunConfig, TrainConfig, dump_yaml
+from memlens.errors import MemlensError
+from memlens.models import LoadedModel, module_shape, resolve_targets
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------------ LoRA
+
+
+def apply_lora(lm: LoadedModel, cfg: LoraConfig, seed: int):
+    """Wrap the base model with a fresh LoRA adapter on the modules of ``cfg.targets``.
+
+    Returns the peft model and the resolved {logical target: [module names]}. The same seed gives the same
+    initial weights. ``bias="none"`` keeps the disabled adapter identical to the base model.
+    """
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target_map = resolve_targets(lm.model, list(cfg.targets))
+    names = [n for t in cfg.targets for n in target_map[t]]
+    fan_in_fan_out = getattr(lm.model.config, "model_type", "") == "gpt2"  # Conv1D stores (in, out)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout, target_modules=names, bias="none",
+        use_rslora=cfg.alpha_rule == "rslora", task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out,
+    )
+    torch.manual_seed(seed)
+    model = get_peft_model(lm.model, peft_cfg)
+    return model, target_map
+
+
+def trainable_by_target(model: Any, target_map: dict[str, list[str]]) -> dict[str, int]:
+    """Trainable parameters of each logical target, counted from the adapter's tensors."""
+    params = dict(model.named_parameters())
+    out = {}
+    for t, names in target_map.items():
+        out[t] = sum(p.numel() for n, p in params.items() if p.requires_grad and any(
+            n.startswith(f"base_model.model.{m}.lora_") for m in names))
+    return out
+
+
+def expected_lora_params(base_model: Any, target_map: dict[str, list[str]], rank: int) -> dict[str, int]:
+    """r * (in + out) summed over the modules of each target: the count a LoRA adapter must have."""
+    return {t: sum(rank * sum(module_shape(base_model, n)) for n in names) for t, names in target_map.items()}
+
+
+def lora_scalings(model: Any) -> set[float]:
+    """The distinct LoRA scaling factors applied in the model's adapted layers."""
+    from peft.tuners.lora import LoraLayer
+
+    return {float(m.scaling["default"]) for m in model.modules() if isinstance(m, LoraLayer) and m.scaling}
+
+
+# -------------------------------------------------------------------------------------------------------- training
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    """Multiplier of the peak learning rate at each step, as in transformers' schedulers."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def plan_steps(n_examples: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(micro-batches per epoch, optimizer steps in total)."""
+    micro = math.ceil(n_examples / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro / cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return micro, total
+
+
+def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int, progress: bool = True) -> list[dict]:
+    """Train ``model`` in place on the token sequences; returns one log row per optimizer step."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    from memlens.scoring import pad_batch
+
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise MemlensError("nothing to train: the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    micro, total = plan_steps(len(seqs), cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.schedule))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    rows: list[dict] = []
+    step, epoch, t0 = 0, 0, time.perf_counter()
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("train", total=total, loss="-", tps="-")
+        while step < total:
+            order = torch.randperm(len(seqs), generator=gen).tolist()
+            batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            for g in range(0, len(batches), cfg.grad_accum):
+                if step >= total:
+                    break
+                group = batches[g : g + cfg.grad_accum]
+                n_tokens = sum(len(seqs[i]) - 1 for b in group for i in b)  # targets: every token after the BOS
+                loss_sum = 0.0
+                for b in group:
+                    ids, mask, labels = pad_batch([seqs[i] for i in b], pad_id)
+                    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                    nll = torch.nn.functional.cross_entropy(
+                        logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                        reduction="sum")
+                    (nll / n_tokens).backward()
+                    loss_sum += float(nll.detach())
+                grad_norm = None
+                if cfg.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                lr = sched.get_last_lr()[0]
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                elapsed = time.perf_counter() - t0
+                rows.append({"step": step, "epoch": epoch + (g + len(group)) / len(batches), "loss": loss_sum / n_tokens,
+                             "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "elapsed_s": round(elapsed, 4)})
+                tps = sum(r["tokens"] for r in rows) / max(elapsed, 1e-9)
+                bar.update(task, advance=1, loss=f"{loss_sum / n_tokens:.4f}", tps=f"{tps:,.0f}")
+            epoch += 1
+    model.eval()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- recipe
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MemlensError(f"train.device: {device!r} asked for, but no CUDA device is available")
+    return device
+
+
+def run_name(cfg: RunConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    model = Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model.replace("/", "_")
+    what = "full" if cfg.train.method == "full" else f"{'+'.join(cfg.lora.targets)}-r{cfg.lora.rank}"
+    return f"{model}-{what}-{cfg.config_hash()[:8]}"
+
+
+def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> FinetuneResult:
+    """Read the data, draw the split, load the model, train, and write the run folder (all or nothing)."""
+    import torch
+
+    from memlens.data import load_corpus, make_split
+    from memlens.models import load_model
+    from memlens.provenance import versions
+    from memlens.scoring import score_nll
+
+    out_root = Path(cfg.output_dir)
+    run_dir = out_root / run_name(cfg)
+    if run_dir.exists() and not overwrite:
+        raise MemlensError(f"{run_dir}: run folder exists (pass --overwrite, or set name=...)")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    corpus = load_corpus(cfg.data)
+    split = make_split(corpus, cfg.data)
+    timings["data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    lm = load_model(cfg.model, dtype=cfg.train.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+                    allow_download=cfg.allow_download)
+    train_ids = lm.encode([r.text for r in split.train], cfg.train.add_bos, cfg.train.max_length)
+    member_ids = lm.encode([r.text for r in split.members], cfg.train.add_bos, cfg.train.max_length)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.bos_id or 0)
+    if any(len(s) < 2 for s in train_ids):
+        raise MemlensError("a training text has fewer than 2 tokens (nothing to predict); check the data")
+    timings["model_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    before = score_nll(lm.model, member_ids, cfg.train.batch_size, pad_id) if cfg.train.eval_members else None
+    if cfg.train.method == "lora":
+        model, target_map = apply_lora(lm, cfg.lora, cfg.train.seed)
+        trainable = trainable_by_target(model, target_map)
+        scalings = sorted(lora_scalings(model))
+        modules = {t_: names for t_, names in target_map.items()}
+    else:
+        torch.manual_seed(cfg.train.seed)
+        model = lm.model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trainable, scalings, modules = {"all": sum(p.numel() for p in model.parameters())}, [], {}
+    timings["eval_before_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rows = train_loop(model, train_ids, cfg.train, pad_id, progress)
+    timings["train_s"] = time.perf_counter() - t
+    train_tokens = sum(r["tokens"] for r in rows)
+
+    t = time.perf_counter()
+    after = score_nll(model, member_ids, cfg.train.batch_size, pad_id) if cfg.train.eval_members else None
+    timings["eval_after_s"] = time.perf_counter() - t
+    changed = None
+    if cfg.train.method == "lora":
+        changed = any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+        if not changed:
+            log.warning("the adapter's B matrices are still zero after training: it is identical to the base model")
+
+    summary = {
+        "run": run_dir.name,
+        "config_hash": cfg.config_hash(),
+        "manifest_hash": split.manifest["hash"],
+        "seed": cfg.train.seed,
+        "data_seed": cfg.data.seed,
+        "versions": versions(),
+        "model": lm.info,
+        "bos_token_id": lm.bos_id,
+        "method": cfg.train.method,
+        "trainable_params": trainable,
+        "trainable_total": sum(trainable.values()),
+        "lora_scaling": scalings,
+        "target_modules": modules,
+        "adapter_changed": changed,
+        "steps": len(rows),
+        "train_tokens": train_tokens,
+        "train_tokens_per_s": train_tokens / max(timings["train_s"], 1e-9),
+        "counts": split.manifest["counts"],
+        "member_nll_before": before.corpus_mean_nll() if before else None,
+        "member_nll_after": after.corpus_mean_nll() if after else None,
+        "first_loss": rows[0]["loss"],
+        "last_loss": rows[-1]["loss"],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    _write_run(run_dir, cfg, split.manifest, rows, summary, model, lm, overwrite)
+    return FinetuneResult(run_dir, summary)
+
+
+def _write_run(run_dir: Path, cfg: RunConfig, manifest: dict, rows: list[dict], summary: dict, model: Any,
+               lm: LoadedModel, overwrite: bool) -> None:
+    """Write everything into a temporary folder, then move it into place: an interrupted run leaves nothing."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.tmp-"))
+    try:
+        (tmp / "config.yaml").write_text(dump_yaml(cfg))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.train.method == "lora":
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        else:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp / "model")
+        if run_dir.exists() and overwrite:
+            shutil.rmtree(run_dir)
+        os.replace(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

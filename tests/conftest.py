@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def phee_dir() -> Path:
+    """The PHEE folder: $MEMLENS_PHEE_DIR (set by .ci/run and `make test`), else ../shared/data/phee."""
+    folder = Path(os.environ.get("MEMLENS_PHEE_DIR") or ROOT.parent / "shared" / "data" / "phee")
+    if not (folder / "train.json").is_file():
+        pytest.fail(f"PHEE not found at {folder}: set MEMLENS_PHEE_DIR")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty memlens cache unless it asks for the shared model cache."""
+    monkeypatch.setenv("MEMLENS_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from memlens.models import build_tiny
+
+    return build_tiny()
