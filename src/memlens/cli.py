@@ -67,7 +67,7 @@ def finetune(
     table.add_row("members / non-members", f"{s['counts']['members']} / {s['counts']['nonmembers']}")
     table.add_row("wall time (s)", json.dumps(s["timings_s"]))
     console.print(table)
-    console.print(str(res.run_dir))
+    print(res.run_dir)
 
 
 @data_app.command("inspect", epilog="Example: memlens data inspect phee --path ../shared/data/phee --model smollm2-135m")
@@ -144,7 +144,7 @@ def models_prepare(
     from memlens.models import prepare
 
     _setup_logging()
-    console.print(str(prepare(name, install=not no_install)))
+    print(prepare(name, install=not no_install))
 
 
 def main() -> None:

@@ -1,0 +1,158 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from memlens.config import RunConfig, load_config
+from memlens.errors import MemlensError
+from memlens.finetune import finetune, lr_lambda, plan_steps
+
+TINY = ["model=tiny", "data.source=synthetic", "data.synthetic_size=300", "data.members.n=24",
+        "data.nonmembers.n=24", "train.epochs=2", "train.batch_size=8", "train.warmup_steps=2", "lora.rank=4",
+        "lora.targets=[q, v]"]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, [*TINY, f"output_dir={tmp_path}", *extra])
+
+
+def _adapter(run_dir: Path):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_same_seed_gives_bit_identical_adapters_and_another_seed_does_not(tmp_path):
+    a = finetune(_cfg(tmp_path, "name=a"), progress=False)
+    b = finetune(_cfg(tmp_path, "name=b"), progress=False)
+    c = finetune(_cfg(tmp_path, "name=c", "train.seed=1"), progress=False)
+    wa, wb, wc = _adapter(a.run_dir), _adapter(b.run_dir), _adapter(c.run_dir)
+    assert wa.keys() == wb.keys() and len(wa) == 8  # A and B for q and v in 2 layers
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert any(not (wa[k] == wc[k]).all() for k in wa)
+    losses = [[json.loads(r)["loss"] for r in (d / "train_log.jsonl").read_text().splitlines()] for d in (a.run_dir, b.run_dir)]
+    assert losses[0] == losses[1]
+
+
+def test_run_folder_contents_and_provenance(tmp_path):
+    res = finetune(_cfg(tmp_path), progress=False)
+    d = res.run_dir
+    assert sorted(p.name for p in d.iterdir()) == ["adapter", "config.yaml", "manifest.json", "summary.json",
+                                                   "train_log.jsonl"]
+    s = json.loads((d / "summary.json").read_text())
+    cfg = load_config(d / "config.yaml")
+    assert s["config_hash"] == cfg.config_hash() == _cfg(tmp_path).config_hash()
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert s["manifest_hash"] == manifest["hash"]
+    assert s["trainable_params"] == {"q": 2 * 4 * (64 + 64), "v": 2 * 4 * (64 + 32)}
+    assert s["lora_scaling"] == [4.0] and s["adapter_changed"] is True
+    assert s["versions"]["torch"] and s["versions"]["transformers"] and s["seed"] == 0
+    # 24 members in micro-batches of 8 -> 3 steps per epoch, 2 epochs
+    assert s["steps"] == 6 and len((d / "train_log.jsonl").read_text().splitlines()) == 6
+    assert s["counts"] == {"train": 24, "members": 24, "nonmembers": 24, "canaries": 0, "displaced": 0,
+                           "overlaps": 0}
+    texts = [r for r in (d / "manifest.json").read_text().split('"') if "year-old" in r]
+    assert texts == []  # ids and hashes only, never the raw text
+    with pytest.raises(MemlensError, match="run folder exists"):
+        finetune(_cfg(tmp_path), progress=False)
+
+
+def test_member_loss_falls(tmp_path):
+    # The random tiny model's output layer is small (init std 0.02), so LoRA moves the loss slowly: assert a clear
+    # fall, not memorization (the full fine-tuning test below shows that).
+    cfg = _cfg(tmp_path, "data.members.n=8", "train.epochs=100", "train.lr=1e-2", "train.warmup_steps=5",
+               "lora.targets=[q, k, v, o, gate, up, down]", "lora.rank=16", "lora.alpha_rule=proportional",
+               "lora.dropout=0")
+    s = finetune(cfg, progress=False).summary
+    assert s["member_nll_after"] < s["member_nll_before"] - 0.5
+    assert s["last_loss"] < s["first_loss"] - 0.5
+
+
+def test_full_finetuning_trains_every_weight_and_memorizes(tmp_path):
+    cfg = _cfg(tmp_path, "train.method=full", "data.members.n=8", "train.epochs=100", "train.lr=1e-2",
+               "train.warmup_steps=5")
+    res = finetune(cfg, progress=False)
+    s = res.summary
+    assert s["trainable_params"] == {"all": s["model"]["parameters"]}
+    assert s["member_nll_before"] > 6 and s["member_nll_after"] < 0.2
+    assert (res.run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    import memlens.finetune as ft
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ft.json, "dumps", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        finetune(_cfg(tmp_path), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_schedule_matches_transformers_linear_warmup():
+    from transformers import get_linear_schedule_with_warmup
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_linear_schedule_with_warmup(opt, 10, 50)
+    ours = lr_lambda(10, 50, "linear")
+    for step in range(50):
+        assert ours(step) == pytest.approx(ref.lr_lambdas[0](step))
+
+
+def test_plan_steps_epochs_and_max_steps():
+    cfg = RunConfig().train
+    assert plan_steps(2898, cfg.model_copy(update={"batch_size": 16, "grad_accum": 4, "epochs": 3})) == (182, 138)
+    assert plan_steps(100, cfg.model_copy(update={"batch_size": 16, "max_steps": 5})) == (7, 5)
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _memlens(*args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "memlens", *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def test_cli_finetune_end_to_end(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: tiny\ndata: {source: synthetic, synthetic_size: 200}\n")
+    out = _memlens("finetune", str(cfg), "data.members.n=16", "data.nonmembers.n=16", "train.epochs=1",
+                   "--quiet", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run_dir = Path(out.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs" and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"id": "a", "text": "one"}\n{"id": "b", "text": ""}\n', "data.jsonl:2: field 'text' is empty"),
+    ('{"id": "a", "text": "one"}\n{"id": "a", "text": "two"}\n', "data.jsonl:2: duplicate id 'a'"),
+    ('{"id": "a", "text": "one"}\n{"id": "b", "text": "two"\n', "data.jsonl:2: malformed JSON"),
+])
+def test_cli_bad_input_exits_non_zero_with_one_message_and_writes_nothing(tmp_path, content, message):
+    (tmp_path / "data.jsonl").write_text(content)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: tiny\ndata: {{source: 'jsonl:{tmp_path / 'data.jsonl'}', members: {{n: 1}}, "
+                   f"nonmembers: {{n: 1}}}}\noutput_dir: {tmp_path / 'runs'}\n")
+    out = _memlens("finetune", str(cfg), "--quiet", cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("error:") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_unknown_key_and_unknown_model(tmp_path):
+    out = _memlens("finetune", "missing.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "missing.yaml: config file not found" in out.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: tiny\nlora: {rnak: 2}\n")
+    out = _memlens("finetune", str(cfg), cwd=tmp_path)
+    assert out.returncode == 2 and "unknown key 'lora.rnak' (did you mean 'lora.rank'?)" in out.stderr
+    cfg.write_text("model: tiny\n")
+    out = _memlens("finetune", str(cfg), "model=llama-9000", f"output_dir={tmp_path}/r",
+                   "data.synthetic_size=100", cwd=tmp_path)
+    assert out.returncode == 2 and "unknown model 'llama-9000'" in out.stderr
+    assert not (tmp_path / "r").exists()
