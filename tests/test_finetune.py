@@ -156,3 +156,18 @@ def test_cli_unknown_key_and_unknown_model(tmp_path):
                    "data.synthetic_size=100", cwd=tmp_path)
     assert out.returncode == 2 and "unknown model 'llama-9000'" in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_data_inspect_reports_phee_counts_and_overlap(tmp_path, phee_dir):
+    out = _memlens("data", "inspect", "phee", "--path", str(phee_dir), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for line in ("train", "2898", "dev", "961", "test", "968", "train x test"):
+        assert line in out.stdout
+    out = _memlens("data", "inspect", "jsonl:nope.jsonl", cwd=tmp_path)
+    assert out.returncode == 2 and "nope.jsonl: file not found" in out.stderr
+
+
+def test_cli_models_list(tmp_path):
+    out = _memlens("models", "list", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "smollm2-135m" in out.stdout and "gemma3-270m" in out.stdout and "tiny" in out.stdout

@@ -31,7 +31,18 @@ err_console = Console(stderr=True)
 
 
 def _setup_logging(quiet: bool = False) -> None:
+    import os
+    import warnings
+
     from rich.logging import RichHandler
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)], force=True)
@@ -126,13 +137,19 @@ def models_list() -> None:
     """The model aliases memlens knows, and whether each is installed and prepared."""
     from memlens.models import list_models
 
+    from memlens.models import model_cache
+
     table = Table(title="models (also: a local folder, or a hub id with allow_download=true)")
-    for col in ("name", "description", "licence", "installed", "prepared", "cache"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    table.add_column("description")
+    table.add_column("licence")
+    table.add_column("installed", no_wrap=True)
+    table.add_column("prepared", no_wrap=True)
     for r in list_models():
         table.add_row(r["name"], r["description"], r["licence"], "yes" if r["installed"] else "no",
-                      "yes" if r["prepared"] else "no", r["cache"])
+                      "yes" if r["prepared"] else "no")
     console.print(table)
+    console.print(f"converted weights are cached in {model_cache('').parent}", soft_wrap=True)
 
 
 @models_app.command("prepare", epilog="Example: memlens models prepare smollm2-135m")
