@@ -5,7 +5,7 @@ from memlens.config import LoraConfig
 from memlens.errors import MemlensError
 from memlens.finetune import apply_lora, expected_lora_params, lora_scalings, trainable_by_target
 from memlens.models import build_tiny, load_model, module_shape, resolve_targets
-from memlens.scoring import score_nll
+from memlens.scoring import score
 
 
 def _lora_modules(model) -> set[str]:
@@ -106,7 +106,7 @@ def test_batched_nll_matches_one_sample_at_a_time():
     texts = ["Short one.", "A 45-year-old woman developed acute hepatitis after amiodarone 200 mg daily.",
              "Carbamazepine-induced rash in a child.", "x"]
     seqs = lm.encode(texts)
-    stats = score_nll(lm.model, seqs, batch_size=3, pad_id=lm.tokenizer.pad_token_id)
+    stats = score(lm.model, seqs, batch_size=3, pad_id=lm.tokenizer.pad_token_id)
     for i, s in enumerate(seqs):
         ids = torch.tensor([s])
         with torch.no_grad():
@@ -122,7 +122,7 @@ def test_smollm2_alias_prepares_and_loads_offline():
     assert lm.bos_id == 0
     seqs = lm.encode(["Phenobarbital hepatotoxicity in an 8-month-old infant."])
     assert seqs[0][0] == 0 and len(seqs[0]) == 18
-    ppl = float(score_nll(lm.model, seqs).perplexity[0])
+    ppl = float(score(lm.model, seqs).perplexity[0])
     assert 2 < ppl < 500
     model, tmap = apply_lora(lm, LoraConfig(targets=["q", "k", "v", "o"], rank=8), seed=0)
     # MODELS.md: SmolLM2 at r=8: q 276,480, k 184,320, v 184,320, o 276,480 trainable parameters

@@ -118,8 +118,51 @@ class TrainConfig(_Strict):
     eval_members: bool = Field(True, description="score the members' mean NLL before and after training")
 
 
+class ExtractionConfig(_Strict):
+    n: int | None = Field(128, ge=1, description="members sampled for extraction (and as many non-members); "
+                          "None = all; canaries are always included")
+    prefix: Literal["midpoint", "fraction", "length"] = Field("midpoint", description="where the prompt ends")
+    prefix_fraction: float = Field(0.5, gt=0, lt=1, description="prompt share of the tokens (prefix=fraction)")
+    prefix_length: int = Field(16, ge=1, description="prompt tokens, BOS included (prefix=length)")
+    greedy: bool = Field(True, description="run greedy decoding")
+    temperatures: list[float] = Field(default_factory=list, description="nucleus-sampling temperatures, e.g. "
+                                      "[0.1, 0.5, 1.0] (the paper's)")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus mass for sampling (Llama-2's default, as in the paper)")
+    samples: int = Field(1, ge=1, description="continuations per prompt and temperature")
+    batch_size: int = Field(32, ge=1)
+    seed: int = Field(0)
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v):
+            raise ValueError("temperatures must be > 0 (use greedy: true for deterministic decoding)")
+        return v
+
+
+class AuditConfig(_Strict):
+    attacks: list[Literal["loss", "ref_ratio", "ref_diff", "zlib", "min_k", "min_k_pp", "min_k_ref",
+                          "min_k_pp_ref"]] = Field(
+        default_factory=lambda: ["loss", "ref_ratio", "ref_diff", "zlib", "min_k", "min_k_pp", "min_k_ref",
+                                 "min_k_pp_ref"])
+    min_k: float = Field(0.2, gt=0, le=1, description="Min-K% fraction used by the min_k attacks")
+    ks: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5],
+                            description="Min-K% fractions computed and stored per sample")
+    fpr: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1], description="targets of TPR@FPR")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC interval (0 = off)")
+    batch_size: int = Field(32, ge=1, description="sequences per scoring batch")
+    extraction: ExtractionConfig | None = Field(default_factory=ExtractionConfig, description="None = skip")
+    include_text: bool = Field(False, description="store raw texts and generations (sensitive) in the store")
+
+    @model_validator(mode="after")
+    def _min_k_in_ks(self) -> AuditConfig:
+        if self.min_k not in self.ks:
+            self.ks = sorted({*self.ks, self.min_k})
+        return self
+
+
 class RunConfig(_Strict):
-    """One fine-tuning run: model, data, adapter and training."""
+    """One run: model, data, adapter, training and (for memlens run) the audit."""
 
     model: str = Field("tiny", description="alias (smollm2-135m, gemma3-270m, tiny) | hub id | local folder")
     trust_remote_code: bool = Field(False, description="let a hub model run its own code (off unless asked)")
@@ -129,6 +172,8 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    store: str | None = Field(None, description="results store (SQLite); None = OUTPUT_DIR/memlens.sqlite")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -139,7 +184,7 @@ class RunConfig(_Strict):
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the resolved config, without fields that do not change results."""
         d = self.model_dump(mode="json")
-        for k in ("name", "output_dir"):
+        for k in ("name", "output_dir", "store"):
             d.pop(k)
         return json_hash(d)
 

@@ -185,109 +185,146 @@ def run_name(cfg: RunConfig) -> str:
     return f"{model}-{what}-{cfg.config_hash()[:8]}"
 
 
-def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> FinetuneResult:
-    """Read the data, draw the split, load the model, train, and write the run folder (all or nothing)."""
-    import torch
+@dataclass
+class Prepared:
+    """The data, the base model and the token ids a run works on."""
 
+    split: Any
+    lm: LoadedModel
+    train_ids: list[list[int]]
+    pad_id: int
+    timings: dict[str, float]
+
+
+@dataclass
+class Trained:
+    model: Any  # the peft model (LoRA) or the base model itself (full fine-tuning)
+    rows: list[dict]  # one per optimizer step
+    trainable: dict[str, int]
+    scalings: list[float]
+    modules: dict[str, list[str]]
+    changed: bool | None
+    seconds: float
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Read the corpus, draw the split, load the base model and tokenize the training list."""
     from memlens.data import load_corpus, make_split
     from memlens.models import load_model
-    from memlens.provenance import versions
-    from memlens.scoring import score_nll
 
-    out_root = Path(cfg.output_dir)
-    run_dir = out_root / run_name(cfg)
-    if run_dir.exists() and not overwrite:
-        raise MemlensError(f"{run_dir}: run folder exists (pass --overwrite, or set name=...)")
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    corpus = load_corpus(cfg.data)
-    split = make_split(corpus, cfg.data)
+    split = make_split(load_corpus(cfg.data), cfg.data)
     timings["data_s"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    lm = load_model(cfg.model, dtype=cfg.train.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                    allow_download=cfg.allow_download)
+    lm = load_model(cfg.model, dtype=cfg.train.dtype, device=resolve_device(cfg.train.device),
+                    trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
     train_ids = lm.encode([r.text for r in split.train], cfg.train.add_bos, cfg.train.max_length)
-    member_ids = lm.encode([r.text for r in split.members], cfg.train.add_bos, cfg.train.max_length)
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.bos_id or 0)
     if any(len(s) < 2 for s in train_ids):
         raise MemlensError("a training text has fewer than 2 tokens (nothing to predict); check the data")
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.bos_id or 0)
     timings["model_s"] = time.perf_counter() - t
+    return Prepared(split, lm, train_ids, pad_id, timings)
 
-    t = time.perf_counter()
-    before = score_nll(lm.model, member_ids, cfg.train.batch_size, pad_id) if cfg.train.eval_members else None
+
+def train(cfg: RunConfig, prep: Prepared, progress: bool = True) -> Trained:
+    """Attach a fresh adapter (or unfreeze every weight) and train on the training list."""
+    import torch
+
     if cfg.train.method == "lora":
-        model, target_map = apply_lora(lm, cfg.lora, cfg.train.seed)
+        model, target_map = apply_lora(prep.lm, cfg.lora, cfg.train.seed)
         trainable = trainable_by_target(model, target_map)
         scalings = sorted(lora_scalings(model))
-        modules = {t_: names for t_, names in target_map.items()}
+        modules = dict(target_map)
     else:
         torch.manual_seed(cfg.train.seed)
-        model = lm.model
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model = prep.lm.model
+        model.requires_grad_(True)
         trainable, scalings, modules = {"all": sum(p.numel() for p in model.parameters())}, [], {}
-    timings["eval_before_s"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    rows = train_loop(model, train_ids, cfg.train, pad_id, progress)
-    timings["train_s"] = time.perf_counter() - t
-    train_tokens = sum(r["tokens"] for r in rows)
-
-    t = time.perf_counter()
-    after = score_nll(model, member_ids, cfg.train.batch_size, pad_id) if cfg.train.eval_members else None
-    timings["eval_after_s"] = time.perf_counter() - t
+    rows = train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress)
+    seconds = time.perf_counter() - t
     changed = None
     if cfg.train.method == "lora":
         changed = any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
         if not changed:
             log.warning("the adapter's B matrices are still zero after training: it is identical to the base model")
+    return Trained(model, rows, trainable, scalings, modules, changed, seconds)
 
-    summary = {
-        "run": run_dir.name,
+
+def train_summary(cfg: RunConfig, prep: Prepared, tr: Trained) -> dict[str, Any]:
+    """Provenance and training facts of a run (stored in summary.json and in the results store)."""
+    from memlens.provenance import versions
+
+    tokens = sum(r["tokens"] for r in tr.rows)
+    return {
         "config_hash": cfg.config_hash(),
-        "manifest_hash": split.manifest["hash"],
+        "manifest_hash": prep.split.manifest["hash"],
         "seed": cfg.train.seed,
         "data_seed": cfg.data.seed,
         "versions": versions(),
-        "model": lm.info,
-        "bos_token_id": lm.bos_id,
+        "model": prep.lm.info,
+        "bos_token_id": prep.lm.bos_id,
         "method": cfg.train.method,
-        "trainable_params": trainable,
-        "trainable_total": sum(trainable.values()),
-        "lora_scaling": scalings,
-        "target_modules": modules,
-        "adapter_changed": changed,
-        "steps": len(rows),
-        "train_tokens": train_tokens,
-        "train_tokens_per_s": train_tokens / max(timings["train_s"], 1e-9),
-        "counts": split.manifest["counts"],
-        "member_nll_before": before.corpus_mean_nll() if before else None,
-        "member_nll_after": after.corpus_mean_nll() if after else None,
-        "first_loss": rows[0]["loss"],
-        "last_loss": rows[-1]["loss"],
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "trainable_params": tr.trainable,
+        "trainable_total": sum(tr.trainable.values()),
+        "lora_scaling": tr.scalings,
+        "target_modules": tr.modules,
+        "adapter_changed": tr.changed,
+        "steps": len(tr.rows),
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / max(tr.seconds, 1e-9),
+        "counts": prep.split.manifest["counts"],
+        "first_loss": tr.rows[0]["loss"],
+        "last_loss": tr.rows[-1]["loss"],
     }
-    _write_run(run_dir, cfg, split.manifest, rows, summary, model, lm, overwrite)
+
+
+def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> FinetuneResult:
+    """Read the data, draw the split, load the model, train, and write the run folder (all or nothing)."""
+    from memlens.scoring import score
+
+    run_dir = Path(cfg.output_dir) / run_name(cfg)
+    if run_dir.exists() and not overwrite:
+        raise MemlensError(f"{run_dir}: run folder exists (pass --overwrite, or set name=...)")
+    prep = prepare(cfg)
+    timings = prep.timings
+    members = prep.lm.encode([r.text for r in prep.split.members], cfg.train.add_bos, cfg.train.max_length)
+
+    def member_nll(model) -> float | None:
+        if not cfg.train.eval_members:
+            return None
+        return score(model, members, batch_size=cfg.train.batch_size, pad_id=prep.pad_id).corpus_mean_nll()
+
+    t = time.perf_counter()
+    before = member_nll(prep.lm.model)
+    timings["eval_before_s"] = time.perf_counter() - t
+    tr = train(cfg, prep, progress)
+    timings["train_s"] = tr.seconds
+    t = time.perf_counter()
+    after = member_nll(tr.model)
+    timings["eval_after_s"] = time.perf_counter() - t
+    summary = {"run": run_dir.name, **train_summary(cfg, prep, tr), "member_nll_before": before,
+               "member_nll_after": after, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    write_run_folder(run_dir, cfg, prep, tr, summary, overwrite)
     return FinetuneResult(run_dir, summary)
 
 
-def _write_run(run_dir: Path, cfg: RunConfig, manifest: dict, rows: list[dict], summary: dict, model: Any,
-               lm: LoadedModel, overwrite: bool) -> None:
+def write_run_folder(run_dir: Path, cfg: RunConfig, prep: Prepared, tr: Trained, summary: dict,
+                     overwrite: bool) -> None:
     """Write everything into a temporary folder, then move it into place: an interrupted run leaves nothing."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.tmp-"))
     try:
         (tmp / "config.yaml").write_text(dump_yaml(cfg))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "manifest.json").write_text(json.dumps(prep.split.manifest, indent=1))
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tr.rows))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.train.method == "lora":
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            tr.model.save_pretrained(tmp / "adapter", safe_serialization=True)
         else:
-            model.save_pretrained(tmp / "model", safe_serialization=True)
-            lm.tokenizer.save_pretrained(tmp / "model")
+            tr.model.save_pretrained(tmp / "model", safe_serialization=True)
+            prep.lm.tokenizer.save_pretrained(tmp / "model")
         if run_dir.exists() and overwrite:
             shutil.rmtree(run_dir)
         os.replace(tmp, run_dir)

@@ -1,0 +1,214 @@
+"""Prefix-prompted extraction: split a record's tokens, generate from the prefix, compare with the true suffix.
+
+The split (the paper's default): the token ids with the BOS, cut at ``midpoint = floor(L / 2)``; the prefix keeps
+the BOS. Also a prefix fraction or a fixed prefix length. Generation runs in batches with left padding and the KV
+cache, greedy or by nucleus sampling, and asks for as many new tokens as the suffix has (generation stops early at
+the EOS token). Only the continuation is scored, never the prompt (the authors' code searched the prompt too).
+
+Similarity of a continuation c to the true suffix s, both token lists (pure functions below):
+* ``ngram_share``: the longest contiguous token run shared by c and s, divided by len(s) (the paper's "share of
+  n-gram");
+* ``exact``: c == s;
+* ``prefix_match``: number of leading tokens of s that c reproduces;
+* ``rouge_l``: F1 of the longest common subsequence;
+* ``edit_sim``: 1 - Levenshtein(c, s) / max(len(c), len(s)).
+
+Fine-tuning on a domain raises these for unseen sentences too, so each rate is also measured on as many
+non-members, and the member-minus-non-member difference is what indicates memorization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+# ------------------------------------------------------------------------------------------------ similarity (pure)
+
+
+def longest_common_run(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest contiguous run of tokens that appears in both a and b."""
+    best, prev = 0, [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, start=1):
+            if x == y:
+                cur[j] = prev[j - 1] + 1
+                if cur[j] > best:
+                    best = cur[j]
+        prev = cur
+    return best
+
+
+def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common subsequence."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, start=1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        cur = [i]
+        for j, y in enumerate(b, start=1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def matched_prefix(c: Sequence[int], s: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(c, s):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def similarity(c: Sequence[int], s: Sequence[int]) -> dict[str, float]:
+    """All similarity measures of a continuation ``c`` against the true suffix ``s`` (len(s) >= 1)."""
+    lcs = lcs_length(c, s)
+    p = lcs / len(c) if c else 0.0
+    r = lcs / len(s)
+    return {
+        "ngram_share": longest_common_run(c, s) / len(s),
+        "exact": float(list(c) == list(s)),
+        "prefix_match": float(matched_prefix(c, s)),
+        "rouge_l": 2 * p * r / (p + r) if p + r > 0 else 0.0,
+        "edit_sim": 1.0 - levenshtein(c, s) / max(len(c), len(s)),
+    }
+
+
+def split_point(n_tokens: int, rule: str = "midpoint", fraction: float = 0.5, length: int = 16) -> int:
+    """Number of prompt tokens (BOS included) for a sequence of ``n_tokens``; at least 1 and at most n - 1."""
+    if rule == "midpoint":
+        k = n_tokens // 2
+    elif rule == "fraction":
+        k = int(math.floor(fraction * n_tokens))
+    elif rule == "length":
+        k = length
+    else:
+        raise ValueError(f"unknown prefix rule {rule!r}")
+    return min(max(k, 1), n_tokens - 1)
+
+
+# ------------------------------------------------------------------------------------------------------ generation
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Greedy decoding (temperature None) or nucleus sampling at a temperature."""
+
+    temperature: float | None = None
+    top_p: float = 0.9
+    samples: int = 1
+
+    @property
+    def label(self) -> str:
+        return "greedy" if self.temperature is None else f"T={self.temperature:g}"
+
+
+def generate(model: Any, prompts: list[list[int]], max_new: list[int], decoding: Decoding, *, pad_id: int,
+             eos_id: int | None, batch_size: int = 32, seed: int = 0) -> list[list[list[int]]]:
+    """For each prompt, ``decoding.samples`` continuations of at most max_new[i] tokens (cut at the first EOS).
+
+    Prompts are grouped by length, left-padded, and generated with the KV cache. Sampling is seeded per batch.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), max_new[i]))
+    was_training = model.training
+    model.eval()
+    for b0 in range(0, len(order), batch_size):
+        batch = order[b0 : b0 + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]) :] = 1
+        kwargs: dict[str, Any] = dict(max_new_tokens=max(max_new[i] for i in batch), min_new_tokens=0,
+                                      pad_token_id=pad_id, num_return_sequences=decoding.samples, use_cache=True)
+        if eos_id is not None:
+            kwargs["eos_token_id"] = eos_id
+        if decoding.temperature is None:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=None)
+        torch.manual_seed(seed + b0)
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        new = gen[:, width:].cpu().tolist()
+        for r, i in enumerate(batch):
+            for s in range(decoding.samples):
+                toks = new[r * decoding.samples + s][: max_new[i]]
+                if eos_id is not None and eos_id in toks:
+                    toks = toks[: toks.index(eos_id)]
+                out[i].append(toks)
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class ExtractionRow:
+    index: int  # position in the list of records given
+    member: bool
+    decoding: str
+    sample: int
+    prefix_len: int
+    suffix_len: int
+    continuation: list[int]
+    scores: dict[str, float]
+    gen_ppl: float = float("nan")
+
+
+def extract(model: Any, seqs: list[list[int]], members: list[bool], decodings: list[Decoding], *, pad_id: int,
+            eos_id: int | None, rule: str = "midpoint", fraction: float = 0.5, length: int = 16,
+            batch_size: int = 32, seed: int = 0, score_batch_size: int = 32) -> list[ExtractionRow]:
+    """Run every decoding on every sequence and score each continuation (and its perplexity under ``model``)."""
+    from memlens.scoring import score
+
+    cut = [split_point(len(s), rule, fraction, length) for s in seqs]
+    prompts = [s[:k] for s, k in zip(seqs, cut)]
+    suffixes = [s[k:] for s, k in zip(seqs, cut)]
+    rows: list[ExtractionRow] = []
+    for d in decodings:
+        conts = generate(model, prompts, [len(x) for x in suffixes], d, pad_id=pad_id, eos_id=eos_id,
+                         batch_size=batch_size, seed=seed)
+        for i, samples in enumerate(conts):
+            for j, c in enumerate(samples):
+                rows.append(ExtractionRow(i, members[i], d.label, j, len(prompts[i]), len(suffixes[i]), c,
+                                          similarity(c, suffixes[i])))
+    scorable = [r for r in rows if r.continuation]
+    if scorable:
+        full = [prompts[r.index] + r.continuation for r in scorable]
+        stats = score(model, full, batch_size=score_batch_size, pad_id=pad_id, starts=[r.prefix_len for r in scorable])
+        for r, ppl in zip(scorable, stats.perplexity):
+            r.gen_ppl = float(ppl)
+    return rows
+
+
+MEASURES = ("ngram_share", "exact", "prefix_match", "rouge_l", "edit_sim")
+
+
+def summarize(rows: list[ExtractionRow]) -> list[dict[str, Any]]:
+    """Per decoding: mean of each measure for members, for non-members, and the difference."""
+    out = []
+    for label in dict.fromkeys(r.decoding for r in rows):
+        sel = [r for r in rows if r.decoding == label]
+        for m in MEASURES:
+            vals = {flag: np.array([r.scores[m] for r in sel if r.member == flag]) for flag in (True, False)}
+            mem = float(vals[True].mean()) if vals[True].size else float("nan")
+            non = float(vals[False].mean()) if vals[False].size else float("nan")
+            out.append({"decoding": label, "measure": m, "members": mem, "nonmembers": non, "difference": mem - non,
+                        "n_members": int(vals[True].size), "n_nonmembers": int(vals[False].size)})
+    return out

@@ -1,0 +1,203 @@
+"""Metrics of a membership attack: ROC, AUC with intervals, TPR at low FPR, correlations, paired differences.
+
+Conventions
+-----------
+* ``y_true`` is 1 for members and 0 for non-members; a higher score means "more likely a member".
+* ROC points come from :func:`sklearn.metrics.roc_curve` with ``drop_intermediate=False``, so no operating point is
+  thinned away. Ties in the score share one threshold.
+* **TPR at FPR x** (one rule, everywhere): the highest TPR among the ROC operating points whose FPR is <= x, i.e.
+  the best member rate an attacker gets with a threshold that flags at most a fraction x of the non-members. With
+  N non-members the FPR moves in steps of 1/N; when x < 1/N the only admissible point is FPR = 0 and the value is
+  flagged ``below_resolution``.
+* Intervals are two-sided 95% by default: Hanley and McNeil (1982) for the AUC, as in the paper, and a stratified
+  percentile bootstrap (members and non-members resampled separately).
+
+All functions are pure: arrays in, numbers out.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as _sk_roc_curve
+
+
+class MemlensUndefinedMetricWarning(UserWarning):
+    """A metric is undefined for the given input (for example only one class) and is returned as nan."""
+
+
+def _check(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(int).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"y_true has {y.size} values and scores {s.size}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y_true must hold only 0 (non-member) and 1 (member)")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    return y, s
+
+
+def _two_classes(y: np.ndarray) -> bool:
+    if y.min(initial=1) == y.max(initial=0):
+        warnings.warn("only one class present: the metric is undefined", MemlensUndefinedMetricWarning, stacklevel=3)
+        return False
+    return True
+
+
+def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), every operating point kept; ``thresholds[0] = inf`` (nothing flagged)."""
+    y, s = _check(y_true, scores)
+    return _sk_roc_curve(y, s, drop_intermediate=False)
+
+
+def auc(y_true, scores) -> float:
+    """ROC AUC = P(score of a random member > score of a random non-member) + 0.5 P(tie)."""
+    y, s = _check(y_true, scores)
+    if not _two_classes(y):
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def hanley_mcneil_ci(auc_value: float, n_pos: int, n_neg: int, level: float = 0.95) -> tuple[float, float]:
+    """Hanley and McNeil (1982) interval: AUC +- z * SE, with SE from Q1 = A/(2-A) and Q2 = 2A^2/(1+A).
+
+    References: J. A. Hanley, B. J. McNeil, "The meaning and use of the area under a ROC curve", Radiology 1982.
+    """
+    a = auc_value
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    z = stats.norm.ppf(0.5 + level / 2)
+    half = z * math.sqrt(max(var, 0.0))
+    return max(0.0, a - half), min(1.0, a + half)
+
+
+def _auc_from_ranks(y: np.ndarray, s: np.ndarray) -> float:
+    """Mann-Whitney AUC (ties counted half); a fast twin of sklearn's for the bootstrap."""
+    r = stats.rankdata(s)
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, N) indices; members and non-members resampled separately so both counts stay fixed."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    return np.concatenate([rng.choice(pos, (n_boot, pos.size)), rng.choice(neg, (n_boot, neg.size))], axis=1)
+
+
+def bootstrap_auc_ci(y_true, scores, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Stratified percentile bootstrap interval of the AUC."""
+    y, s = _check(y_true, scores)
+    if not _two_classes(y):
+        return float("nan"), float("nan")
+    idx = _bootstrap_indices(y, n_boot, seed)
+    vals = np.array([_auc_from_ranks(y[i], s[i]) for i in idx])
+    return tuple(float(v) for v in np.quantile(vals, [(1 - level) / 2, (1 + level) / 2]))
+
+
+@dataclass(frozen=True)
+class TprAtFpr:
+    target_fpr: float
+    tpr: float
+    fpr: float  # the FPR of the operating point used (<= target_fpr)
+    threshold: float
+    resolution: float  # 1 / number of non-members: the smallest non-zero FPR
+    below_resolution: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def tpr_at_fpr(y_true, scores, target_fpr: float) -> TprAtFpr:
+    """TPR at a target FPR by the rule in the module docstring (highest TPR with FPR <= target)."""
+    y, s = _check(y_true, scores)
+    n_neg = int((y == 0).sum())
+    if not _two_classes(y):
+        return TprAtFpr(target_fpr, float("nan"), float("nan"), float("nan"), float("nan"), True)
+    fpr, tpr, thr = _sk_roc_curve(y, s, drop_intermediate=False)
+    ok = np.flatnonzero(fpr <= target_fpr + 1e-12)
+    best = ok[np.argmax(tpr[ok])]
+    res = 1.0 / n_neg
+    return TprAtFpr(target_fpr, float(tpr[best]), float(fpr[best]), float(thr[best]), res, target_fpr < res)
+
+
+@dataclass(frozen=True)
+class Correlation:
+    method: str
+    r: float
+    lo: float
+    hi: float
+    p_value: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def correlation(x, y, method: str = "pearson", level: float = 0.95) -> Correlation:
+    """Pearson or Spearman correlation with a Fisher-z interval (Spearman: Bonett-Wright variance 1.06/(n-3))."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n = x.size
+    if n < 4 or np.std(x) == 0 or np.std(y) == 0:
+        warnings.warn("correlation undefined (fewer than 4 points or a constant variable)",
+                      MemlensUndefinedMetricWarning, stacklevel=2)
+        return Correlation(method, float("nan"), float("nan"), float("nan"), float("nan"), n)
+    if method == "pearson":
+        res = stats.pearsonr(x, y)
+        r, p, var = float(res.statistic), float(res.pvalue), 1.0 / (n - 3)
+    elif method == "spearman":
+        res = stats.spearmanr(x, y)
+        r, p, var = float(res.statistic), float(res.pvalue), 1.06 / (n - 3)
+    else:
+        raise ValueError(f"unknown correlation method {method!r}")
+    z = math.atanh(max(min(r, 1 - 1e-15), -1 + 1e-15))
+    half = stats.norm.ppf(0.5 + level / 2) * math.sqrt(var)
+    return Correlation(method, r, math.tanh(z - half), math.tanh(z + half), p, n)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    metric: str
+    a: float
+    b: float
+    diff: float  # a - b
+    lo: float
+    hi: float
+    n_boot: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_difference(y_true, scores_a, scores_b, metric: str = "auc", n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> PairedDifference:
+    """metric(a) - metric(b) for two attacks or runs scored on the same records, with a paired bootstrap interval.
+
+    Both score vectors are resampled with the same indices, so the shared record-level noise cancels: the interval
+    is far narrower than two independent single-run intervals. ``metric`` is ``auc`` or ``tpr@X`` (X a fraction).
+    """
+    y, a = _check(y_true, scores_a)
+    _, b = _check(y_true, scores_b)
+    if metric == "auc":
+        f = _auc_from_ranks
+    elif metric.startswith("tpr@"):
+        x = float(metric[4:])
+
+        def f(yy, ss):
+            return tpr_at_fpr(yy, ss, x).tpr
+    else:
+        raise ValueError(f"unknown metric {metric!r}: expected 'auc' or 'tpr@X'")
+    if not _two_classes(y):
+        return PairedDifference(metric, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), n_boot)
+    idx = _bootstrap_indices(y, n_boot, seed)
+    diffs = np.array([f(y[i], a[i]) - f(y[i], b[i]) for i in idx])
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    fa, fb = f(y, a), f(y, b)
+    return PairedDifference(metric, fa, fb, fa - fb, float(lo), float(hi), n_boot)

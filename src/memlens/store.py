@@ -1,0 +1,184 @@
+"""The results store: one SQLite file (embedded, no server).
+
+Tables
+------
+runs         one row per run: resolved config and its hash, data manifest hash, versions, seed, timings, summary
+samples      per run and record: id, member flag, text hash, canary copies, raw text only when asked
+values       per run and record, long format: name (nll_base, nll_ft, ppl_ft, min_k_0.2_ft, score_ref_ratio ...)
+             and value
+generations  per run, record, decoding and sample: prefix/suffix lengths, similarity measures, generated-text
+             perplexity (and the generated text only when asked)
+metrics      per run: name (auc, tpr@0.01 ...), subject (an attack or a measure), value, interval, details (JSON)
+
+A run is written in one transaction: an interrupted write leaves no rows of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from memlens.errors import MemlensError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, name TEXT, study TEXT, created REAL, config_json TEXT, config_hash TEXT,
+    manifest_hash TEXT, versions_json TEXT, seed INTEGER, timings_json TEXT, summary_json TEXT
+);
+CREATE TABLE IF NOT EXISTS samples (
+    run_id TEXT, sample_id TEXT, member INTEGER, text_hash TEXT, canary_copies INTEGER, text TEXT,
+    PRIMARY KEY (run_id, sample_id)
+);
+CREATE TABLE IF NOT EXISTS "values" (
+    run_id TEXT, sample_id TEXT, name TEXT, value REAL, PRIMARY KEY (run_id, sample_id, name)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    run_id TEXT, sample_id TEXT, member INTEGER, decoding TEXT, sample INTEGER, prefix_len INTEGER,
+    suffix_len INTEGER, ngram_share REAL, exact REAL, prefix_match REAL, rouge_l REAL, edit_sim REAL,
+    gen_ppl REAL, text TEXT
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT, name TEXT, subject TEXT, value REAL, lo REAL, hi REAL, details_json TEXT
+);
+CREATE INDEX IF NOT EXISTS values_run ON "values" (run_id);
+CREATE INDEX IF NOT EXISTS generations_run ON generations (run_id);
+CREATE INDEX IF NOT EXISTS metrics_run ON metrics (run_id);
+"""
+_TABLES = ("runs", "samples", '"values"', "generations", "metrics")
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=60)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN ... COMMIT, or ROLLBACK on any error (or nothing at all if the process dies)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def run_exists(conn: sqlite3.Connection, run_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+
+
+def delete_run(conn: sqlite3.Connection, run_id: str) -> None:
+    for t in _TABLES:
+        conn.execute(f"DELETE FROM {t} WHERE run_id = ?", (run_id,))
+
+
+def write_run(conn: sqlite3.Connection, run: dict[str, Any], samples: list[tuple], values: Iterable[tuple],
+              generations: Iterable[tuple], metrics: Iterable[tuple], replace: bool = False) -> None:
+    """Write one run and all its rows in a single transaction.
+
+    ``samples``: (sample_id, member, text_hash, canary_copies, text_or_None); ``values``: (sample_id, name, value);
+    ``generations``: tuples in the column order of the table after run_id; ``metrics``: (name, subject, value, lo,
+    hi, details_dict).
+    """
+    with transaction(conn):
+        if run_exists(conn, run["run_id"]):
+            if not replace:
+                raise MemlensError(f"run {run['run_id']} is already in the store (pass --overwrite to replace it)")
+            delete_run(conn, run["run_id"])
+        conn.execute(
+            "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (run["run_id"], run.get("name"), run.get("study"), time.time(), json.dumps(run["config"]),
+             run["config_hash"], run["manifest_hash"], json.dumps(run["versions"]), run["seed"],
+             json.dumps(run["timings"]), json.dumps(run.get("summary", {}))),
+        )
+        rid = run["run_id"]
+        conn.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?)", [(rid, *s) for s in samples])
+        conn.executemany('INSERT INTO "values" VALUES (?,?,?,?)', ((rid, *v) for v in values))
+        conn.executemany("INSERT INTO generations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                         ((rid, *g) for g in generations))
+        conn.executemany("INSERT INTO metrics VALUES (?,?,?,?,?,?,?)",
+                         ((rid, n, s, v, lo, hi, json.dumps(d)) for n, s, v, lo, hi, d in metrics))
+
+
+def list_runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT run_id, name, study, created, config_hash, manifest_hash, seed, summary_json FROM runs "
+                        "ORDER BY created").fetchall()
+    keys = ("run_id", "name", "study", "created", "config_hash", "manifest_hash", "seed", "summary")
+    return [dict(zip(keys, r[:-1] + (json.loads(r[-1]),))) for r in rows]
+
+
+def resolve_run(conn: sqlite3.Connection, ref: str) -> str:
+    """A run id from its id, a unique prefix of it, or its name."""
+    rows = conn.execute("SELECT run_id FROM runs WHERE run_id = ? OR name = ? OR run_id LIKE ?",
+                        (ref, ref, ref + "%")).fetchall()
+    ids = sorted({r[0] for r in rows})
+    if not ids:
+        raise MemlensError(f"no run {ref!r} in the store")
+    if len(ids) > 1:
+        raise MemlensError(f"{ref!r} matches {len(ids)} runs: {', '.join(i[:12] for i in ids)}")
+    return ids[0]
+
+
+def get_run(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
+    r = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    cols = [d[0] for d in conn.execute("SELECT * FROM runs LIMIT 0").description]
+    out = dict(zip(cols, r))
+    for k in ("config_json", "versions_json", "timings_json", "summary_json"):
+        out[k.removesuffix("_json")] = json.loads(out.pop(k))
+    out["metrics"] = [
+        {"name": n, "subject": s, "value": v, "lo": lo, "hi": hi, "details": json.loads(d)}
+        for n, s, v, lo, hi, d in conn.execute(
+            "SELECT name, subject, value, lo, hi, details_json FROM metrics WHERE run_id = ? ORDER BY rowid", (run_id,))
+    ]
+    return out
+
+
+def sample_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list[list[Any]]]:
+    """The run's per-sample table: id, member, text hash, canary copies, then one column per value name."""
+    names = [r[0] for r in conn.execute('SELECT DISTINCT name FROM "values" WHERE run_id = ? ORDER BY name',
+                                        (run_id,))]
+    front = ["n_tokens", "nll_base", "nll_ft"]
+    names = [n for n in front if n in names] + [n for n in names if n not in front]
+    samples = conn.execute("SELECT sample_id, member, text_hash, canary_copies FROM samples WHERE run_id = ? "
+                           "ORDER BY rowid", (run_id,)).fetchall()
+    vals: dict[tuple[str, str], float] = {
+        (s, n): v for s, n, v in conn.execute('SELECT sample_id, name, value FROM "values" WHERE run_id = ?', (run_id,))
+    }
+    header = ["id", "member", "text_hash", "canary_copies", *names]
+    rows = [[sid, member, th, cc, *(vals.get((sid, n)) for n in names)] for sid, member, th, cc in samples]
+    return header, rows
+
+
+def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path) -> Path:
+    """Write the per-sample table to CSV or Parquet (written to a temporary name, then renamed)."""
+    header, rows = sample_table(conn, run_id)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if fmt == "csv":
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+    elif fmt == "parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise MemlensError("Parquet export needs pyarrow: pip install 'memlens[parquet]'") from None
+        cols = {h: [r[i] for r in rows] for i, h in enumerate(header)}
+        pq.write_table(pa.table(cols), tmp)
+    else:
+        raise MemlensError(f"unknown export format {fmt!r}: expected csv or parquet")
+    tmp.replace(out)
+    return out
