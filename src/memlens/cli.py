@@ -23,10 +23,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect corpora.", no_args_is_help=True)
 models_app = typer.Typer(help="List and prepare base models.", no_args_is_help=True)
+results_app = typer.Typer(help="Query the results store.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+app.add_typer(results_app, name="results")
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 
@@ -79,6 +81,140 @@ def finetune(
     table.add_row("wall time (s)", json.dumps(s["timings_s"]))
     console.print(table)
     print(res.run_dir)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def print_audit_summary(summary: dict, title: str) -> None:
+    """The end-of-run table: AUC with interval and TPR@1%FPR per attack, extraction, perplexities."""
+    t = Table(title=title)
+    for col in ("attack", "AUC", "95% CI (Hanley-McNeil)", "bootstrap 95%", "TPR@1%FPR", "TPR@0.1%FPR"):
+        t.add_column(col, justify="right" if col != "attack" else "left")
+    for a, row in summary["attacks"].items():
+        boot = row.get("bootstrap") or (None, None)
+        flag = " *" if row.get("tpr@0.001_below_resolution") else ""
+        t.add_row(a, _fmt(row["auc"]), f"{_fmt(row['auc_lo'])} - {_fmt(row['auc_hi'])}",
+                  f"{_fmt(boot[0])} - {_fmt(boot[1])}", _fmt(row.get("tpr@0.01")),
+                  _fmt(row.get("tpr@0.001")) + flag)
+    console.print(t)
+    if any(r.get("tpr@0.001_below_resolution") for r in summary["attacks"].values()):
+        console.print(f"* below the FPR resolution 1/{summary['n_nonmembers']}: fewer than 1000 non-members")
+    if summary.get("extraction"):
+        e = Table(title="extraction (continuation vs true suffix; members - non-members is memorization)")
+        for col in ("decoding", "measure", "members", "non-members", "difference"):
+            e.add_column(col, justify="right" if col not in ("decoding", "measure") else "left")
+        for r in summary["extraction"]:
+            e.add_row(r["decoding"], r["measure"], _fmt(r["members"]), _fmt(r["nonmembers"]), _fmt(r["difference"]))
+        console.print(e)
+    p = summary["perplexity"]
+    console.print(f"perplexity: members base {p['members_base']:.2f} -> fine-tuned {p['members_ft']:.2f}; "
+                  f"non-members base {p['nonmembers_base']:.2f}; held-out (non-members) fine-tuned "
+                  f"{p['heldout_ft']:.2f}")
+    if "timings_s" in summary:
+        console.print("wall time per phase (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}"
+                                                              for k, v in summary["timings_s"].items()))
+
+
+@app.command(epilog="Example: memlens run configs/phee-v-r1.yaml lora.targets=[o] audit.extraction.n=64")
+def run(
+    config: Path = typer.Argument(..., help="run config (YAML), with an optional audit: section"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, dotted keys"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="redo a run already in the store"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, warnings only"),
+) -> None:
+    """Fine-tune one configuration and audit it: membership attacks, extraction, perplexity; results to the store."""
+    from memlens.audit import run_config
+    from memlens.config import load_config
+
+    _setup_logging(quiet)
+    cfg = load_config(config, overrides or [])
+    res = run_config(cfg, overwrite=overwrite, progress=not quiet)
+    print_audit_summary(res.summary, f"run {res.summary['run']} ({res.run_id[:12]})")
+    console.print(f"store: {res.store}  run folder: {res.run_dir}", soft_wrap=True)
+
+
+@app.command("audit", epilog="Example: memlens audit --model smollm2-135m --adapter runs/x/adapter "
+             "--members train.jsonl --nonmembers heldout.jsonl")
+def audit_cmd(
+    model: str = typer.Option(..., "--model", help="the base model the adapter was trained on (the reference)"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="peft adapter folder (safetensors)"),
+    members: str = typer.Option(..., "--members", help="JSONL or CSV of member texts (field text, optional id)"),
+    nonmembers: str = typer.Option(..., "--nonmembers", help="JSONL or CSV of non-member texts"),
+    store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store", help="results store (SQLite)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of audit settings (the audit: section)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the audit settings"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="redo an audit already in the store"),
+    name: Optional[str] = typer.Option(None, "--name", help="a name for the run in the store"),
+) -> None:
+    """Audit an adapter trained elsewhere against its base model."""
+    from memlens.audit import audit_adapter
+    from memlens.config import AuditConfig, load_config
+
+    _setup_logging()
+    cfg = load_config(config, overrides or [], model=AuditConfig)
+    res = audit_adapter(model, adapter, members, nonmembers, cfg, db=store, dtype=dtype, overwrite=overwrite,
+                        name=name)
+    print_audit_summary(res.summary, f"audit {res.run_id[:12]}")
+    console.print(f"store: {res.store}", soft_wrap=True)
+
+
+@results_app.command("list")
+def results_list(store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store")) -> None:
+    """The runs in a store."""
+    from memlens import store as S
+
+    if not store.is_file():
+        raise MemlensError(f"{store}: no results store")
+    conn = S.connect(store)
+    t = Table(title=str(store))
+    for col in ("run", "name", "study", "members", "AUC ref_ratio", "AUC loss", "held-out ppl"):
+        t.add_column(col)
+    for r in S.list_runs(conn):
+        a = r["summary"].get("attacks", {})
+        t.add_row(r["run_id"][:12], r["name"] or "-", r["study"] or "-", str(r["summary"].get("n_members", "-")),
+                  _fmt(a.get("ref_ratio", {}).get("auc")), _fmt(a.get("loss", {}).get("auc")),
+                  _fmt(r["summary"].get("perplexity", {}).get("heldout_ft"), 2))
+    console.print(t)
+
+
+@results_app.command("show")
+def results_show(
+    run_ref: str = typer.Argument(..., metavar="RUN", help="run id (or a unique prefix) or name"),
+    store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store"),
+    as_json: bool = typer.Option(False, "--json", help="print the run as JSON"),
+) -> None:
+    """One run: its summary table, or everything stored about it as JSON."""
+    from memlens import store as S
+
+    if not store.is_file():
+        raise MemlensError(f"{store}: no results store")
+    conn = S.connect(store)
+    run_data = S.get_run(conn, S.resolve_run(conn, run_ref))
+    if as_json:
+        print(json.dumps(run_data, indent=2, default=str))
+        return
+    print_audit_summary(run_data["summary"], f"run {run_data['name']} ({run_data['run_id'][:12]})")
+
+
+@results_app.command("export")
+def results_export(
+    run_ref: str = typer.Argument(..., metavar="RUN", help="run id (or a unique prefix) or name"),
+    fmt: str = typer.Option("csv", "--format", help="csv | parquet"),
+    out: Path = typer.Option(..., "--out", help="output file"),
+    store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store"),
+) -> None:
+    """The per-sample table of a run (id, member, n_tokens, nll_base, nll_ft, score_<attack> ...)."""
+    from memlens import store as S
+
+    if not store.is_file():
+        raise MemlensError(f"{store}: no results store")
+    conn = S.connect(store)
+    print(S.export(conn, S.resolve_run(conn, run_ref), fmt, out))
 
 
 @data_app.command("inspect", epilog="Example: memlens data inspect phee --path ../shared/data/phee --model smollm2-135m")

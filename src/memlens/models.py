@@ -255,6 +255,7 @@ def load_model(
     if name in TINY:
         lm = build_tiny(arch="gpt2" if name == "tiny-gpt2" else "llama")
         lm.model.to(device=device, dtype=torch_dtype)
+        lm.info["dtype"] = dtype
         return lm
     if name in ALIASES:
         folder = prepare(name)
@@ -292,7 +293,19 @@ def load_model(
     bos = meta.get("bos_token_id")
     if bos is None:
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return LoadedModel(name, model, tok, bos, _info(model, source, dtype))
+    info = _info(model, source, dtype)
+    info["identity"] = _identity(name, folder)
+    return LoadedModel(name, model, tok, bos, info)
+
+
+def _identity(name: str, folder: Path | str) -> str:
+    """What names these exact weights: the alias and its packages, the files of a folder, or the hub id."""
+    if name in ALIASES:
+        return f"alias:{name}:{','.join(ALIASES[name].packages)}"
+    if isinstance(folder, Path):
+        files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.glob("*.safetensors"))
+        return f"folder:{folder.resolve()}:{files}"
+    return f"hub:{name}"
 
 
 def _info(model: Any, source: str, dtype: str) -> dict[str, Any]:
@@ -348,4 +361,5 @@ def build_tiny(arch: str = "llama", seed: int = 0) -> LoadedModel:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.eval()
     name = "tiny" if arch == "llama" else "tiny-gpt2"
-    return LoadedModel(name, model, tok, tok.bos_token_id, _info(model, f"random {arch} built in-process", "float32"))
+    info = {**_info(model, f"random {arch} built in-process", "float32"), "identity": f"tiny:{arch}:seed={seed}"}
+    return LoadedModel(name, model, tok, tok.bos_token_id, info)

@@ -128,7 +128,7 @@ def score(
             if min_k_pp:
                 p = logp.exp()
                 mu = (p * logp).sum(-1)
-                sigma = ((p * logp * logp).sum(-1) - mu * mu).clamp_min(1e-12).sqrt()
+                sigma = (p * (logp - mu[..., None]).square()).sum(-1).clamp_min(1e-24).sqrt()  # stable two-pass
                 z = ((target_lp - mu) / sigma).double().cpu().numpy()
                 del p
             del logp

@@ -1,0 +1,316 @@
+"""The audit: score members and non-members under the base and the fine-tuned model, attack, extract, measure.
+
+Recipes
+-------
+* :func:`run_config`: ``memlens run``: fine-tune one configuration, audit it, store the results.
+* :func:`audit_adapter`: ``memlens audit``: the same audit for an adapter trained elsewhere.
+
+Both end in one transaction of the results store (see :mod:`memlens.store`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memlens import metrics as M
+from memlens.attacks import attack_scores
+from memlens.config import AuditConfig, RunConfig, dump_yaml
+from memlens.data.records import Record
+from memlens.errors import MemlensError
+from memlens.extraction import Decoding, extract, summarize
+from memlens.models import LoadedModel
+from memlens.paths import cache_dir
+from memlens.provenance import json_hash
+from memlens.scoring import SampleStats, score, zlib_length
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- cached base statistics
+
+
+def _ids_hash(ids: list[int]) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:32]
+
+
+def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditConfig, pad_id: int) -> SampleStats:
+    """Statistics of ``seqs`` under the *base* model, cached per record (keyed by model, settings and token ids).
+
+    A study scores the same records under the same base model run after run: each record is scored once.
+    """
+    key = json_hash({"model": lm.info.get("identity", lm.info["source"]), "dtype": lm.info["dtype"],
+                     "ks": sorted(cfg.ks), "min_k_pp": True})
+    path = cache_dir() / "stats" / f"{key[:32]}.npz"
+    hashes = [_ids_hash(s) for s in seqs]
+    cached: dict[str, np.ndarray] = {}
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            cached = {k: z[k] for k in z.files}
+    have = {h: i for i, h in enumerate(cached.get("hashes", np.array([], dtype="U32")).tolist())}
+    missing = [i for i, h in enumerate(hashes) if h not in have]
+    if missing:
+        new = score(model, [seqs[i] for i in missing], batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks,
+                    min_k_pp=True).to_arrays()
+        merged = {"hashes": np.concatenate([cached.get("hashes", np.array([], dtype="U32")),
+                                            np.array([hashes[i] for i in missing], dtype="U32")])}
+        for k, v in new.items():
+            merged[k] = np.concatenate([cached[k], v]) if k in cached else v
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, **merged)
+        os.replace(tmp, path)
+        cached = merged
+        have = {h: i for i, h in enumerate(cached["hashes"].tolist())}
+    idx = np.array([have[h] for h in hashes], dtype=np.int64)
+    return SampleStats.from_arrays({k: v[idx] for k, v in cached.items() if k != "hashes"})
+
+
+# ------------------------------------------------------------------------------------------------------- the audit
+
+
+@dataclass
+class AuditOutput:
+    """Everything a run stores, as rows for :func:`memlens.store.write_run`."""
+
+    samples: list[tuple] = field(default_factory=list)
+    values: list[tuple] = field(default_factory=list)
+    generations: list[tuple] = field(default_factory=list)
+    metrics: list[tuple] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _ppl(stats: SampleStats) -> float:
+    return float(np.exp(stats.corpus_mean_nll()))
+
+
+def audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Record], member: np.ndarray,
+          seqs: list[list[int]], canaries: dict[str, int], cfg: AuditConfig, pad_id: int) -> AuditOutput:
+    """Attack, extract and measure, given the base statistics of ``records`` (in the same order).
+
+    ``member`` holds 1 for members and 0 for non-members; ``canaries`` maps a canary id to its copies.
+    """
+    out = AuditOutput()
+    t = time.perf_counter()
+    ft = score(model_ft, seqs, batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks, min_k_pp=True)
+    out.timings["score_ft_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    zl = np.array([zlib_length(r.text) for r in records], dtype=np.float64)
+    scores = attack_scores(ft, base, zl, k=cfg.min_k, attacks=tuple(cfg.attacks))
+    y = member.astype(int)
+    for r, m in zip(records, y):
+        out.samples.append((r.id, int(m), r.text_hash, canaries.get(r.id, 1 if m else 0),
+                            r.text if cfg.include_text else None))
+    per_sample = {"n_tokens": ft.n_tokens, "nll_base": base.mean_nll, "nll_ft": ft.mean_nll,
+                  "ppl_base": base.perplexity, "ppl_ft": ft.perplexity, "zlib_bytes": zl}
+    for k in cfg.ks:
+        per_sample[f"min_k_{k:g}_base"], per_sample[f"min_k_{k:g}_ft"] = base.min_k[k], ft.min_k[k]
+        per_sample[f"min_k_pp_{k:g}_base"], per_sample[f"min_k_pp_{k:g}_ft"] = base.min_k_pp[k], ft.min_k_pp[k]
+    per_sample.update({f"score_{a}": s for a, s in scores.items()})
+    for name, arr in per_sample.items():
+        out.values.extend((r.id, name, float(v)) for r, v in zip(records, arr))
+
+    headline = {}
+    for a, s in scores.items():
+        value = M.auc(y, s)
+        lo, hi = M.hanley_mcneil_ci(value, int(y.sum()), int((1 - y).sum()))
+        boot = M.bootstrap_auc_ci(y, s, n_boot=cfg.bootstrap) if cfg.bootstrap else (None, None)
+        out.metrics.append(("auc", a, value, lo, hi, {"interval": "hanley-mcneil 95%", "bootstrap_95": boot}))
+        row = {"auc": value, "auc_lo": lo, "auc_hi": hi, "bootstrap": boot}
+        for x in cfg.fpr:
+            tp = M.tpr_at_fpr(y, s, x)
+            out.metrics.append((f"tpr@{x:g}", a, tp.tpr, None, None, tp.as_dict()))
+            row[f"tpr@{x:g}"] = tp.tpr
+            row[f"tpr@{x:g}_below_resolution"] = tp.below_resolution
+        headline[a] = row
+    mem, non = base.subset(y == 1), base.subset(y == 0)
+    ftm, ftn = ft.subset(y == 1), ft.subset(y == 0)
+    ppl = {"members_base": _ppl(mem), "members_ft": _ppl(ftm), "nonmembers_base": _ppl(non),
+           "heldout_ft": _ppl(ftn)}
+    for k, v in ppl.items():
+        out.metrics.append(("perplexity", k, v, None, None, {"token_weighted": True}))
+    # memorization (attack score) against perplexity, over all audited records
+    for a in ("ref_ratio", "loss"):
+        if a in scores:
+            for which, px in (("ppl_ft", ft.perplexity), ("ppl_base", base.perplexity)):
+                for method in ("pearson", "spearman"):
+                    c = M.correlation(px, scores[a], method)
+                    out.metrics.append((method, f"score_{a}~{which}", c.r, c.lo, c.hi, c.as_dict()))
+    out.timings["attacks_s"] = time.perf_counter() - t
+
+    extraction: list[dict] = []
+    if cfg.extraction is not None:
+        t = time.perf_counter()
+        ex = cfg.extraction
+        rng = random.Random(ex.seed)
+        mem_idx = [i for i in range(len(records)) if y[i] == 1]
+        non_idx = [i for i in range(len(records)) if y[i] == 0]
+        canary_idx = [i for i in mem_idx if records[i].id in canaries]
+        pick_m = mem_idx if ex.n is None or ex.n >= len(mem_idx) else rng.sample(mem_idx, ex.n)
+        pick_m = sorted(set(pick_m) | set(canary_idx))
+        pick_n = non_idx if ex.n is None or ex.n >= len(non_idx) else rng.sample(non_idx, ex.n)
+        chosen = pick_m + sorted(pick_n)
+        decodings = ([Decoding(None)] if ex.greedy else []) + [
+            Decoding(tmp, ex.top_p, ex.samples) for tmp in ex.temperatures]
+        rows = extract(model_ft, [seqs[i] for i in chosen], [bool(y[i]) for i in chosen], decodings,
+                       pad_id=pad_id, eos_id=lm.tokenizer.eos_token_id, rule=ex.prefix, fraction=ex.prefix_fraction,
+                       length=ex.prefix_length, batch_size=ex.batch_size, seed=ex.seed, score_batch_size=cfg.batch_size)
+        for r in rows:
+            rec = records[chosen[r.index]]
+            text = lm.tokenizer.decode(r.continuation) if cfg.include_text else None
+            out.generations.append((rec.id, int(r.member), r.decoding, r.sample, r.prefix_len, r.suffix_len,
+                                    *(r.scores[m] for m in ("ngram_share", "exact", "prefix_match", "rouge_l",
+                                                             "edit_sim")), r.gen_ppl, text))
+        extraction = summarize(rows)
+        for s in extraction:
+            out.metrics.append((f"extraction:{s['measure']}", s["decoding"], s["members"], None, None, s))
+        # the paper's Fig. 3.4/3.5: memorization (n-gram share) against fine-tuned and base perplexity, members
+        for label in dict.fromkeys(r.decoding for r in rows):
+            sel = [r for r in rows if r.decoding == label and r.member and r.sample == 0]
+            share = np.array([r.scores["ngram_share"] for r in sel])
+            pos = [chosen[r.index] for r in sel]
+            for which, px in (("ppl_ft", ft.perplexity[pos]), ("ppl_base", base.perplexity[pos])):
+                c = M.correlation(px, share, "pearson")
+                out.metrics.append(("pearson", f"ngram_share~{which} ({label})", c.r, c.lo, c.hi,
+                                    {**c.as_dict(), "r2": c.r * c.r if c.r == c.r else None}))
+        out.timings["extraction_s"] = time.perf_counter() - t
+    out.summary = {"attacks": headline, "perplexity": ppl, "extraction": extraction,
+                   "n_members": int(y.sum()), "n_nonmembers": int((1 - y).sum())}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    store: Path
+    run_dir: Path | None
+    summary: dict[str, Any]
+
+
+def store_path(cfg: RunConfig) -> Path:
+    return Path(cfg.store) if cfg.store else Path(cfg.output_dir) / "memlens.sqlite"
+
+
+def _audit_records(split) -> tuple[list[Record], np.ndarray]:
+    records = list(split.members) + list(split.nonmembers)
+    member = np.array([1] * len(split.members) + [0] * len(split.nonmembers))
+    return records, member
+
+
+def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, study: str | None = None) -> RunResult:
+    """Fine-tune one configuration, audit it, write the run folder and the store."""
+    from memlens import store as S
+    from memlens.finetune import prepare, run_name, train, train_summary, write_run_folder
+
+    run_id = cfg.config_hash()
+    db = store_path(cfg)
+    conn = S.connect(db)
+    if S.run_exists(conn, run_id) and not overwrite:
+        raise MemlensError(f"run {run_id[:12]} is already in {db} (pass --overwrite to redo it)")
+    run_dir = Path(cfg.output_dir) / run_name(cfg)
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    timings = dict(prep.timings)
+    records, member = _audit_records(prep.split)
+    seqs = prep.lm.encode([r.text for r in records], cfg.train.add_bos, cfg.train.max_length)
+    t = time.perf_counter()
+    base = cached_score(prep.lm, prep.lm.model, seqs, cfg.audit, prep.pad_id)  # before any adapter is attached
+    timings["score_base_s"] = time.perf_counter() - t
+    tr = train(cfg, prep, progress)
+    timings["train_s"] = tr.seconds
+    out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id)
+    timings.update(out.timings)
+    timings["total_s"] = time.perf_counter() - t0
+    summary = {"run": run_dir.name, **train_summary(cfg, prep, tr), **out.summary,
+               "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    write_run_folder(run_dir, cfg, prep, tr, summary, overwrite=True)
+    S.write_run(conn, {"run_id": run_id, "name": run_dir.name, "study": study,
+                       "config": cfg.model_dump(mode="json"), "config_hash": run_id,
+                       "manifest_hash": prep.split.manifest["hash"], "versions": summary["versions"],
+                       "seed": cfg.train.seed, "timings": summary["timings_s"], "summary": summary},
+                out.samples, out.values, out.generations, out.metrics, replace=overwrite)
+    conn.close()
+    return RunResult(run_id, db, run_dir, summary)
+
+
+def _read_records(path: str) -> list[Record]:
+    from memlens.data import read_csv, read_jsonl
+
+    p = Path(path)
+    return read_csv(p) if p.suffix.lower() == ".csv" else read_jsonl(p)
+
+
+def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonmembers_file: str, cfg: AuditConfig,
+                  *, db: Path, dtype: str = "float32", device: str = "cpu", add_bos: bool = True,
+                  trust_remote_code: bool = False, overwrite: bool = False, name: str | None = None) -> RunResult:
+    """Audit an adapter trained elsewhere: ``model_name`` is the base model (the reference), ``adapter`` the peft
+    folder (safetensors), and the two files hold the member and non-member texts (JSONL or CSV with ``text``).
+    Without an adapter the base model is audited against itself (a control: every AUC near 0.5)."""
+    from memlens import store as S
+    from memlens.data.records import file_sha256
+    from memlens.models import load_model
+    from memlens.provenance import versions
+
+    adapter_dir = Path(adapter) if adapter else None
+    if adapter_dir is not None:
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise MemlensError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise MemlensError(f"{adapter_dir}: no adapter_model.safetensors (memlens never loads pickle weights)")
+    members, nonmembers = _read_records(members_file), _read_records(nonmembers_file)
+    clash = {r.id for r in members} & {r.id for r in nonmembers}
+    if clash:
+        raise MemlensError(f"{nonmembers_file}: ids also in {members_file}: {', '.join(sorted(clash)[:5])}")
+    records = members + nonmembers
+    member = np.array([1] * len(members) + [0] * len(nonmembers))
+    files = {"members": file_sha256(Path(members_file)), "nonmembers": file_sha256(Path(nonmembers_file))}
+    if adapter_dir is not None:
+        files["adapter"] = file_sha256(adapter_dir / "adapter_model.safetensors")
+    config = {"model": model_name, "adapter": str(adapter_dir) if adapter_dir else None, "files": files,
+              "dtype": dtype, "add_bos": add_bos, "audit": cfg.model_dump(mode="json")}
+    run_id = json_hash(config)
+    conn = S.connect(db)
+    if S.run_exists(conn, run_id) and not overwrite:
+        raise MemlensError(f"run {run_id[:12]} is already in {db} (pass --overwrite to redo it)")
+    t0 = time.perf_counter()
+    lm = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    seqs = lm.encode([r.text for r in records], add_bos)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.bos_id or 0)
+    t = time.perf_counter()
+    base = cached_score(lm, lm.model, seqs, cfg, pad_id)
+    timings = {"score_base_s": time.perf_counter() - t}
+    model = lm.model
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(lm.model, str(adapter_dir), is_trainable=False)
+        model.eval()
+    out = audit(lm, model, base, records, member, seqs, {}, cfg, pad_id)
+    timings.update(out.timings)
+    timings["total_s"] = time.perf_counter() - t0
+    manifest_hash = json_hash({"members": [[r.id, r.text_hash] for r in members],
+                               "nonmembers": [[r.id, r.text_hash] for r in nonmembers]})
+    summary = {**out.summary, "versions": versions(), "model": lm.info, "config_hash": run_id,
+               "manifest_hash": manifest_hash, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    S.write_run(conn, {"run_id": run_id, "name": name or f"audit-{run_id[:8]}", "config": config,
+                       "config_hash": run_id, "manifest_hash": manifest_hash, "versions": summary["versions"],
+                       "seed": cfg.extraction.seed if cfg.extraction else 0, "timings": summary["timings_s"],
+                       "summary": summary}, out.samples, out.values, out.generations, out.metrics, replace=overwrite)
+    conn.close()
+    return RunResult(run_id, db, None, summary)
