@@ -17,6 +17,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ def audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Recor
     ``member`` holds 1 for members and 0 for non-members; ``canaries`` maps a canary id to its copies.
     """
     out = AuditOutput()
+    # degenerate inputs (a constant score, too few points) give nan correlations: stored as such, not warned
+    warnings.filterwarnings("ignore", category=M.MemlensUndefinedMetricWarning)
     t = time.perf_counter()
     ft = score(model_ft, seqs, batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks, min_k_pp=True)
     out.timings["score_ft_s"] = time.perf_counter() - t
