@@ -103,9 +103,15 @@ def audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Recor
 
     ``member`` holds 1 for members and 0 for non-members; ``canaries`` maps a canary id to its copies.
     """
+    with warnings.catch_warnings():
+        # degenerate inputs (a constant score, too few points) give nan correlations: stored as such, not warned
+        warnings.simplefilter("ignore", M.MemlensUndefinedMetricWarning)
+        return _audit(lm, model_ft, base, records, member, seqs, canaries, cfg, pad_id)
+
+
+def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Record], member: np.ndarray,
+           seqs: list[list[int]], canaries: dict[str, int], cfg: AuditConfig, pad_id: int) -> AuditOutput:
     out = AuditOutput()
-    # degenerate inputs (a constant score, too few points) give nan correlations: stored as such, not warned
-    warnings.filterwarnings("ignore", category=M.MemlensUndefinedMetricWarning)
     t = time.perf_counter()
     ft = score(model_ft, seqs, batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks, min_k_pp=True)
     out.timings["score_ft_s"] = time.perf_counter() - t
