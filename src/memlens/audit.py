@@ -222,16 +222,14 @@ def _audit_records(split) -> tuple[list[Record], np.ndarray]:
     return records, member
 
 
-def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, study: str | None = None) -> RunResult:
-    """Fine-tune one configuration, audit it, write the run folder and the store."""
-    from memlens import store as S
+def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = None) -> dict[str, Any]:
+    """Fine-tune and audit one configuration; write its run folder; return the store record (nothing stored yet).
+
+    The record is plain data, so a worker process or a Ray task can hand it back to the process that owns the store.
+    """
     from memlens.finetune import prepare, run_name, train, train_summary, write_run_folder
 
     run_id = cfg.config_hash()
-    db = store_path(cfg)
-    conn = S.connect(db)
-    if S.run_exists(conn, run_id) and not overwrite:
-        raise MemlensError(f"run {run_id[:12]} is already in {db} (pass --overwrite to redo it)")
     run_dir = Path(cfg.output_dir) / run_name(cfg)
     t0 = time.perf_counter()
     prep = prepare(cfg)
@@ -246,16 +244,41 @@ def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True
     out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id)
     timings.update(out.timings)
     timings["total_s"] = time.perf_counter() - t0
-    summary = {"run": run_dir.name, **train_summary(cfg, prep, tr), **out.summary,
+    summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_run_folder(run_dir, cfg, prep, tr, summary, overwrite=True)
-    S.write_run(conn, {"run_id": run_id, "name": run_dir.name, "study": study,
-                       "config": cfg.model_dump(mode="json"), "config_hash": run_id,
-                       "manifest_hash": prep.split.manifest["hash"], "versions": summary["versions"],
-                       "seed": cfg.train.seed, "timings": summary["timings_s"], "summary": summary},
-                out.samples, out.values, out.generations, out.metrics, replace=overwrite)
+    run = {"run_id": run_id, "name": run_dir.name, "study": study, "config": cfg.model_dump(mode="json"),
+           "config_hash": run_id, "manifest_hash": prep.split.manifest["hash"], "versions": summary["versions"],
+           "seed": cfg.train.seed, "timings": summary["timings_s"], "summary": summary}
+    return {"run": run, "samples": out.samples, "values": out.values, "generations": out.generations,
+            "metrics": out.metrics}
+
+
+def store_record(db: Path, record: dict[str, Any], replace: bool = False) -> None:
+    from memlens import store as S
+
+    conn = S.connect(db)
+    try:
+        S.write_run(conn, record["run"], record["samples"], record["values"], record["generations"],
+                    record["metrics"], replace=replace)
+    finally:
+        conn.close()
+
+
+def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, study: str | None = None) -> RunResult:
+    """Fine-tune one configuration, audit it, write the run folder and the store."""
+    from memlens import store as S
+
+    db = store_path(cfg)
+    conn = S.connect(db)
+    exists = S.run_exists(conn, cfg.config_hash())
     conn.close()
-    return RunResult(run_id, db, run_dir, summary)
+    if exists and not overwrite:
+        raise MemlensError(f"run {cfg.config_hash()[:12]} is already in {db} (pass --overwrite to redo it)")
+    record = compute_run(cfg, progress=progress, study=study)
+    store_record(db, record, replace=overwrite)
+    summary = record["run"]["summary"]
+    return RunResult(record["run"]["run_id"], db, Path(summary["run_dir"]), summary)
 
 
 def _read_records(path: str) -> list[Record]:
