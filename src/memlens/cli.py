@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memlens.errors import MemlensError
@@ -135,6 +136,43 @@ def run(
     res = run_config(cfg, overwrite=overwrite, progress=not quiet)
     print_audit_summary(res.summary, f"run {res.summary['run']} ({res.run_id[:12]})")
     console.print(f"store: {res.store}  run folder: {res.run_dir}", soft_wrap=True)
+
+
+@app.command(epilog="Examples: memlens study paper-table-3.1 --profile quick data.path=../shared/data/phee\n\n"
+             "memlens study my-study.yaml --executor ray --dry-run")
+def study(
+    study_ref: str = typer.Argument(..., metavar="STUDY", help="a study YAML, or a shipped study: "
+                                    "paper-table-3.1, paper-rank, paper-canary, paper-perplexity, demo"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the study's base config"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="quick | full | a profile the study defines"),
+    store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store", help="results store (SQLite)"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="folder of the run folders "
+                                             "(default runs/STUDY)"),
+    executor: str = typer.Option("local", "--executor", help="local | ray | ray:ADDRESS"),
+    cpus: float = typer.Option(1.0, "--cpus-per-run", help="CPUs each Ray task declares"),
+    gpus: float = typer.Option(0.0, "--gpus-per-run", help="GPUs each Ray task declares"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and whether each is done; run nothing"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run a study: every run of its sweep that is not yet in the store, each in its own process; resumable."""
+    from memlens.study import done_runs, load_study, plan, run_study
+
+    _setup_logging(quiet)
+    st = load_study(study_ref)
+    runs = plan(st, profile, overrides or [], output_dir)
+    if dry_run:
+        done = done_runs(store)
+        t = Table(title=f"study {st.name} ({profile or 'base'}): {len(runs)} runs")
+        for col in ("run", "settings", "done"):
+            t.add_column(col)
+        for r in runs:
+            t.add_row(r.run_id[:12], escape(r.label), "yes" if r.run_id in done else "no")
+        console.print(t)
+        return
+    executed = run_study(st, runs, store, executor=executor, progress=not quiet, cpus_per_run=cpus,
+                         gpus_per_run=gpus)
+    console.print(f"study {st.name}: {len(executed)} runs executed now, {len(runs)} in all; store {store}",
+                  soft_wrap=True)
 
 
 @app.command("audit", epilog="Example: memlens audit --model smollm2-135m --adapter runs/x/adapter "
