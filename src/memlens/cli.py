@@ -175,6 +175,22 @@ def study(
                   soft_wrap=True)
 
 
+@app.command(epilog="Example: memlens report --store runs/memlens.sqlite --study paper-table-3.1 --out report/")
+def report(
+    out: Path = typer.Option(..., "--out", help="output folder (report.html, and each figure as PNG and SVG)"),
+    store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store", help="results store (SQLite)"),
+    study_name: Optional[str] = typer.Option(None, "--study", help="only the runs of this study"),
+    attack: str = typer.Option("ref_ratio", "--attack", help="headline attack of the tables and figures"),
+    include_text: bool = typer.Option(False, "--include-text", help="show raw training texts (sensitive)"),
+) -> None:
+    """Write the report: the Table 3.1 analog, paired differences, ROC, AUC vs rank, memorization vs perplexity,
+    extraction vs repetition, privacy vs utility."""
+    from memlens.report import build_report
+
+    _setup_logging()
+    print(build_report(store, out, study_name, attack, include_text))
+
+
 @app.command("audit", epilog="Example: memlens audit --model smollm2-135m --adapter runs/x/adapter "
              "--members train.jsonl --nonmembers heldout.jsonl")
 def audit_cmd(

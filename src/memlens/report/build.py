@@ -1,0 +1,223 @@
+"""``memlens report``: a self-contained HTML page (figures embedded) plus each figure as PNG and SVG.
+
+What the page says is computed from the store, never written in advance: the Table 3.1 analog, the paired
+differences between matrices, and a plain statement of whether V and O memorize more than Q and K here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memlens import metrics as M
+from memlens.errors import MemlensError
+from memlens.report import data as D
+from memlens.report import figures as F
+from memlens.report import paper
+
+TARGET_ORDER = {"Q": 0, "K": 1, "V": 2, "O": 3, "Q+K": 4, "Q+K+V+O": 5}
+
+
+def _fmt(x: Any, d: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, (int, np.integer)):
+        return f"{int(x):,}"
+    return f"{x:.{d}f}"
+
+
+def _group(runs: list[D.RunView]) -> dict[str, list[D.RunView]]:
+    groups: dict[str, list[D.RunView]] = defaultdict(list)
+    for r in runs:
+        groups[r.key].append(r)
+    return groups
+
+
+def table_rows(runs: list[D.RunView], attack: str) -> list[dict[str, Any]]:
+    """The Table 3.1 analog: one row per configuration, seeds pooled (mean and spread)."""
+    rows = []
+    for key, rs in _group(runs).items():
+        r0 = rs[0]
+        aucs = np.array([r.auc(attack) for r in rs])
+        m = r0.metric("auc", attack)
+        tpr = np.array([(r.metric("tpr@0.01", attack) or {}).get("value", np.nan) for r in rs], dtype=float)
+        ppl = np.array([r.summary.get("perplexity", {}).get("heldout_ft", np.nan) for r in rs], dtype=float)
+        paper_auc = None
+        if r0.alpha_rule == "fixed" and r0.repeats == 1:
+            paper_auc = paper.TABLE_3_1.get((r0.targets, r0.rank))
+        row = {
+            "targets": r0.targets, "rank": r0.rank, "alpha_rule": r0.alpha_rule, "repeats": r0.repeats,
+            "n_runs": len(rs), "auc": float(np.mean(aucs)),
+            "interval": (f"{_fmt(m['lo'])} - {_fmt(m['hi'])} (Hanley-McNeil)" if len(rs) == 1 and m else
+                         f"sd {_fmt(float(np.std(aucs, ddof=1)))} over {len(rs)} seeds, range {_fmt(aucs.min())}"
+                         f" - {_fmt(aucs.max())}"),
+            "tpr1": float(np.nanmean(tpr)) if np.isfinite(tpr).any() else float("nan"),
+            "trainable": r0.trainable, "heldout_ppl": float(np.nanmean(ppl)) if np.isfinite(ppl).any() else None,
+            "paper": paper_auc, "n_members": r0.summary.get("n_members"), "n_nonmembers": r0.summary.get("n_nonmembers"),
+        }
+        rows.append(row)
+    rows.sort(key=lambda x: (x["repeats"], x["alpha_rule"], x["rank"] or 0, TARGET_ORDER.get(x["targets"], 99),
+                             x["targets"]))
+    return rows
+
+
+def paired_rows(conn, runs: list[D.RunView], attack: str, n_boot: int = 1000) -> list[dict[str, Any]]:
+    """AUC differences V-Q, V-K, O-Q, O-K (same rank, seeds and settings otherwise), paired over the same records."""
+    by: dict[tuple, D.RunView] = {}
+    for r in runs:
+        by[(r.targets, r.rank, r.seeds, r.settings_key(("lora.targets",)))] = r
+    rows = []
+    for (t, rank, seeds, rest), ra in sorted(by.items(), key=lambda kv: (kv[0][1] or 0, str(kv[0][2]),
+                                                                          TARGET_ORDER.get(kv[0][0], 9))):
+        if t not in ("V", "O"):
+            continue
+        for other in ("Q", "K"):
+            rb = by.get((other, rank, seeds, rest))
+            if rb is None:
+                continue
+            sa = D.sample_scores(conn, ra.run_id, [f"score_{attack}"])
+            sb = D.sample_scores(conn, rb.run_id, [f"score_{attack}"])
+            if sa["ids"] != sb["ids"]:
+                continue  # not the same records: no paired comparison
+            d = M.paired_difference(sa["member"], sa[f"score_{attack}"], sb[f"score_{attack}"], "auc", n_boot=n_boot)
+            verdict = "higher" if d.lo > 0 else "lower" if d.hi < 0 else "not resolved"
+            rows.append({"a": t, "b": other, "rank": rank, "seeds": seeds, "diff": d.diff, "lo": d.lo, "hi": d.hi,
+                         "verdict": verdict})
+    return rows
+
+
+def verdict_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ("This store has no pair of runs that differ only in the adapted matrix (V or O against Q or K) on "
+                "the same records, so the paper's claim is not tested here.")
+    pos = sum(r["verdict"] == "higher" for r in rows)
+    neg = sum(r["verdict"] == "lower" for r in rows)
+    n = len(rows)
+    if pos == n:
+        return (f"Yes: in all {n} paired comparisons, adapting V or O gives a higher AUC than adapting Q or K, each "
+                "with a 95% paired-bootstrap interval above zero, as the paper reports.")
+    if neg == n:
+        return (f"No, the opposite: in all {n} paired comparisons adapting V or O gives a lower AUC than Q or K "
+                "(every 95% interval below zero). The paper's effect does not appear with this model and data.")
+    return (f"Mixed: of {n} paired comparisons (V or O against Q or K), {pos} show a significantly higher AUC for V/O, "
+            f"{neg} a significantly lower one, and {n - pos - neg} are not resolved (the 95% interval contains "
+            "zero). The data here do not establish the paper's claim that V and O memorize more than Q and K.")
+
+
+def build_report(store: Path, out: Path, study: str | None = None, attack: str = "ref_ratio",
+                 include_text: bool = False, n_boot: int = 1000) -> Path:
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from memlens import __version__
+
+    conn = D.connect_readonly(store)
+    runs = D.load_runs(conn, study)
+    if not any(r.metric("auc", attack) for r in runs):
+        raise MemlensError(f"no run in the store has the attack {attack!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    figs: list[dict[str, str]] = []
+    notes: list[str] = []
+
+    def add(fig, name: str, caption: str) -> None:
+        if fig is None:
+            notes.append(f"No {caption.split(':')[0].lower()}: the store holds no runs that vary what it plots.")
+            return
+        b64, stem = F.save(fig, out, name)
+        figs.append({"b64": b64, "name": stem, "caption": caption})
+
+    # ROC curves: one run per configuration (its first seed)
+    curves = []
+    for rs in list(_group(runs).values())[:14]:
+        r = rs[0]
+        sc = D.sample_scores(conn, r.run_id, [f"score_{attack}"])
+        fpr, tpr, _ = M.roc_curve(sc["member"], sc[f"score_{attack}"])
+        label = f"{r.targets} r{r.rank}" + (f" x{r.repeats}" if r.repeats > 1 else "") + (
+            f" {r.alpha_rule}" if r.alpha_rule != "fixed" else "")
+        curves.append((label, fpr, tpr, r.auc(attack)))
+    add(F.roc_curves(curves), "roc", f"ROC curves ({attack} attack), linear axes")
+    add(F.roc_curves(curves, loglog=True), "roc_loglog", f"ROC curves ({attack} attack), log-log axes")
+
+    series: dict[str, list] = defaultdict(list)
+    for r in runs:
+        m = r.metric("auc", attack)
+        if m and r.rank:
+            series[f"{r.targets}, {r.alpha_rule}" + (f", x{r.repeats}" if r.repeats > 1 else "")].append(
+                (r.rank, m["value"], m["lo"], m["hi"]))
+    add(F.auc_vs_rank(series, show_paper=any(r.targets == "Q+K+V+O" for r in runs)), "auc_vs_rank",
+        "AUC against LoRA rank: 95% Hanley-McNeil intervals; the paper's Fig. 3.6 dashed where comparable")
+
+    # memorization against perplexity: canaries if there are any, else every extracted member (greedy)
+    share, pft, pbase, what = [], [], [], "greedy, members"
+    has_canaries = any(r.repeats > 1 for r in runs)
+    for r in runs:
+        gens = [g for g in D.generations(conn, r.run_id) if g["decoding"] == "greedy" and g["member"]]
+        if has_canaries:
+            cids = D.canary_ids(conn, r.run_id)
+            gens = [g for g in gens if g["sample_id"] in cids]
+            what = "greedy, canaries"
+        if not gens:
+            continue
+        sc = D.sample_scores(conn, r.run_id, ["ppl_ft", "ppl_base"])
+        pos = {i: k for k, i in enumerate(sc["ids"])}
+        for g in gens:
+            share.append(g["ngram_share"])
+            pft.append(sc["ppl_ft"][pos[g["sample_id"]]])
+            pbase.append(sc["ppl_base"][pos[g["sample_id"]]])
+    add(F.memorization_vs_perplexity(np.array(share), np.array(pft), np.array(pbase), what), "memorization_vs_ppl",
+        "Memorization against perplexity (the paper's Fig. 3.4 and 3.5): linear fits and R²")
+
+    rep: dict[str, list] = defaultdict(list)
+    control = []
+    for r in runs:
+        if r.repeats < 1:
+            continue
+        gens = D.generations(conn, r.run_id)
+        cids = D.canary_ids(conn, r.run_id)
+        by_dec: dict[str, list[float]] = defaultdict(list)
+        for g in gens:
+            if g["sample_id"] in cids:
+                by_dec[g["decoding"]].append(g["ngram_share"])
+        for dec, vals in by_dec.items():
+            rep[dec].append((r.repeats, float(np.mean(vals))))
+        non = [g["ngram_share"] for g in gens if not g["member"] and g["decoding"] == "greedy"]
+        if non and cids:
+            control.append((r.repeats, float(np.mean(non))))
+    add(F.extraction_vs_repetition(rep, control), "extraction_vs_repetition",
+        "Extraction of canaries against repetition, per decoding (the paper's Appendix A)")
+
+    points = [(f"{r.targets} r{r.rank}", r.summary.get("perplexity", {}).get("heldout_ft"), r.auc(attack))
+              for r in runs if r.summary.get("perplexity", {}).get("heldout_ft") is not None]
+    add(F.privacy_vs_utility(points), "privacy_vs_utility",
+        "Privacy against utility: membership AUC against held-out perplexity, one point per run")
+
+    table = table_rows(runs, attack)
+    pairs = paired_rows(conn, runs, attack, n_boot)
+    models = sorted({r.summary.get("model", {}).get("source", "?") for r in runs})
+    examples = []
+    if include_text:
+        for r in runs[:5]:
+            tx = D.texts(conn, r.run_id)
+            for g in sorted(D.generations(conn, r.run_id), key=lambda g: -g["ngram_share"])[:5]:
+                if g["member"] and g["text"] is not None and g["sample_id"] in tx:
+                    examples.append({"run": r.name, "text": tx[g["sample_id"]], "generated": g["text"],
+                                     "share": g["ngram_share"]})
+        if not examples:
+            notes.append("--include-text: the store holds no texts (runs store them only with audit.include_text).")
+    env = Environment(loader=PackageLoader("memlens.report", "templates"), autoescape=select_autoescape(["html"]))
+    page = env.get_template("report.html").render(
+        title=f"memlens report{': ' + study if study else ''}", generated=dt.datetime.now().isoformat(timespec="seconds"),
+        version=__version__, store=str(store), attack=attack, runs=runs, table=table, pairs=pairs,
+        verdict=verdict_text(pairs), figures=figs, notes=notes, models=models, paper_source=paper.SOURCE,
+        fmt=_fmt, examples=examples, escape=html.escape)
+    path = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    conn.close()
+    return path

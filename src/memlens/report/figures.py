@@ -1,0 +1,135 @@
+"""The report's figures (matplotlib, Agg). Each function takes plain data and returns a Figure, or None when the
+store holds nothing to draw."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from memlens.report import paper  # noqa: E402
+
+
+def roc_curves(curves: list[tuple[str, np.ndarray, np.ndarray, float]], loglog: bool = False):
+    """curves: (label, fpr, tpr, auc)."""
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, fpr, tpr, a in curves:
+        if loglog:
+            keep = (fpr > 0) & (tpr > 0)
+            ax.plot(fpr[keep], tpr[keep], label=f"{label} (AUC {a:.3f})", lw=1.2)
+        else:
+            ax.plot(fpr, tpr, label=f"{label} (AUC {a:.3f})", lw=1.2)
+    if loglog:
+        lo = min(float(np.min(c[1][c[1] > 0])) for c in curves if np.any(c[1] > 0))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.plot([lo, 1], [lo, 1], "k:", lw=0.8, label="chance")
+        ax.set_title("ROC, log-log (the low-FPR regime)")
+    else:
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="chance")
+        ax.set_title("ROC")
+    ax.set_xlabel("false positive rate (non-members flagged)")
+    ax.set_ylabel("true positive rate (members flagged)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def auc_vs_rank(series: dict[str, list[tuple[int, float, float, float]]], show_paper: bool):
+    """series: label -> [(rank, auc, lo, hi)]."""
+    if not any(len({p[0] for p in v}) > 1 for v in series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, pts in series.items():
+        pts = sorted(pts)
+        r = np.array([p[0] for p in pts])
+        a = np.array([p[1] for p in pts])
+        err = np.array([[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
+        ax.errorbar(r, a, yerr=err, marker="o", capsize=3, label=label)
+    if show_paper:
+        ranks = sorted(paper.FIG_3_6)
+        ax.plot(ranks, [paper.FIG_3_6[k] for k in ranks], "k--", marker="x", lw=1,
+                label="paper Fig. 3.6 (LLaMA-2-7B, Q+K+V+O)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank")
+    ax.set_ylabel("ROC AUC (95% interval)")
+    ax.set_title("Membership AUC against rank")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def memorization_vs_perplexity(share: np.ndarray, ppl_ft: np.ndarray, ppl_base: np.ndarray, what: str):
+    """Two panels: share of n-gram against fine-tuned and against base perplexity, with linear fits and R^2."""
+    if share.size < 3:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, x, title, paper_r2 in ((axes[0], ppl_ft, "fine-tuned", paper.FIG_3_4_R2),
+                                   (axes[1], ppl_base, "base", paper.FIG_3_5_R2)):
+        ax.scatter(x, share, s=12, alpha=0.6)
+        if np.std(x) > 0 and np.std(share) > 0:
+            slope, icpt = np.polyfit(x, share, 1)
+            r = np.corrcoef(x, share)[0, 1]
+            xs = np.linspace(x.min(), x.max(), 50)
+            ax.plot(xs, slope * xs + icpt, "r-", lw=1.2, label=f"fit: R² = {r * r:.3f} (paper {paper_r2})")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(f"perplexity under the {title} model")
+        ax.set_title(f"share of n-gram vs {title} perplexity")
+    axes[0].set_ylabel(f"share of n-gram ({what})")
+    fig.tight_layout()
+    return fig
+
+
+def extraction_vs_repetition(series: dict[str, list[tuple[int, float]]], control: list[tuple[int, float]]):
+    """series: decoding -> [(repeats, mean share of the canaries)]; control: non-members, greedy."""
+    if not any(len({p[0] for p in v}) > 1 for v in series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, pts in series.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"canaries, {label}")
+    if control:
+        control = sorted(control)
+        ax.plot([p[0] for p in control], [p[1] for p in control], "k:", marker=".", label="non-members, greedy")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("copies of the canary in the training set")
+    ax.set_ylabel("share of n-gram of the suffix")
+    ax.set_title("Extraction against repetition and temperature")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def privacy_vs_utility(points: list[tuple[str, float, float]]):
+    """points: (label, held-out perplexity, AUC)."""
+    if len(points) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, ppl, a in points:
+        ax.scatter(ppl, a, s=25)
+        ax.annotate(label, (ppl, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("held-out perplexity of the fine-tuned model (utility: lower is better)")
+    ax.set_ylabel("membership AUC (privacy: lower is better)")
+    ax.set_title("Privacy against utility")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Any, folder, name: str) -> tuple[str, str]:
+    """Write PNG and SVG; return the PNG's base64 text and the file stem."""
+    import base64
+    import io
+
+    fig.savefig(folder / f"{name}.png", dpi=120)
+    fig.savefig(folder / f"{name}.svg")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii"), name
