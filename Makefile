@@ -20,7 +20,7 @@ test: setup
 	MEMLENS_PHEE_DIR=$${MEMLENS_PHEE_DIR:-$(PHEE)} $(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/memlens --help
+	$(VENV)/bin/memlens demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

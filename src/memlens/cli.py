@@ -138,6 +138,26 @@ def run(
     console.print(f"store: {res.store}  run folder: {res.run_dir}", soft_wrap=True)
 
 
+@app.command(epilog="Example: memlens demo --tiny")
+def demo(
+    tiny: bool = typer.Option(False, "--tiny", help="use the tiny random model (seconds) instead of smollm2-135m"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="folder of the demo's runs, store and report"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """The main job on an embedded default, offline: a small study on the synthetic corpus, then its report."""
+    from memlens.report import build_report
+    from memlens.study import load_study, plan, run_study
+
+    _setup_logging(quiet)
+    st = load_study("demo")
+    runs = plan(st, "tiny" if tiny else "quick", [], str(out / "runs"))
+    db = out / "memlens.sqlite"
+    run_study(st, runs, db, progress=not quiet)
+    path = build_report(db, out / "report", study=st.name)
+    console.print("report:", soft_wrap=True)
+    print(path.resolve())
+
+
 @app.command(epilog="Examples: memlens study paper-table-3.1 --profile quick data.path=../shared/data/phee\n\n"
              "memlens study my-study.yaml --executor ray --dry-run")
 def study(

@@ -1,0 +1,92 @@
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memlens import metrics as M
+from memlens.report import build_report
+from memlens.report import data as D
+from memlens.study import StudyConfig, plan, run_study
+
+STUDY = {
+    "name": "r",
+    "base": {"model": "tiny", "data": {"source": "synthetic", "synthetic_size": 300, "members": {"n": 16},
+                                       "nonmembers": {"n": 16}, "canary": {"repeats": 4}},
+             "train": {"epochs": 4, "batch_size": 4, "lr": 5e-3},
+             "audit": {"bootstrap": 50, "include_text": True, "extraction": {"n": 6, "temperatures": [0.7]}}},
+    "axes": {"lora.targets": [["q"], ["v"], ["o"]], "lora.rank": [1, 4]},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    st = StudyConfig.model_validate(STUDY)
+    run_study(st, plan(st, None, [], str(tmp / "runs")), tmp / "s.sqlite", progress=False)
+    return tmp / "s.sqlite"
+
+
+def test_report_files_tables_and_verdict(store, tmp_path):
+    out = tmp_path / "rep"
+    page = build_report(store, out, study="r").read_text()
+    for name in ("roc", "roc_loglog", "auc_vs_rank", "memorization_vs_ppl", "privacy_vs_utility"):
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").is_file(), name
+    assert page.count('<img src="data:image/png;base64,') == len(list(out.glob("*.png")))
+    conn = D.connect_readonly(store)
+    runs = D.load_runs(conn, "r")
+    assert len(runs) == 6
+    for r in runs:  # every run's AUC is on the page as stored
+        assert f"{r.auc('ref_ratio'):.3f}" in page
+    # the paired comparisons, recomputed from the stored per-sample scores
+    pairs = re.findall(r"<td>([VO]) - ([QK])</td><td>(\d+)</td><td>[^<]*</td><td>(-?[\d.]+)</td>", page)
+    assert len(pairs) == 4  # V-Q and O-Q at ranks 1 and 4
+    for a, b, rank, diff in pairs:
+        ra = next(r for r in runs if r.targets == a and r.rank == int(rank))
+        rb = next(r for r in runs if r.targets == b and r.rank == int(rank))
+        sa = D.sample_scores(conn, ra.run_id, ["score_ref_ratio"])
+        sb = D.sample_scores(conn, rb.run_id, ["score_ref_ratio"])
+        d = M.auc(sa["member"], sa["score_ref_ratio"]) - M.auc(sb["member"], sb["score_ref_ratio"])
+        assert float(diff) == pytest.approx(d, abs=6e-4)
+    verdict = re.search(r'<p class="verdict">(.*?)</p>', page, re.S).group(1)
+    assert verdict.split(":")[0] in ("Yes", "Mixed", "No, the opposite")
+    # raw training text stays out unless asked for
+    texts = D.texts(conn, runs[0].run_id)
+    assert texts and not any(t in page for t in texts.values())
+    page_text = build_report(store, tmp_path / "rep2", study="r", include_text=True).read_text()
+    assert any(t.replace("'", "&#39;").replace('"', "&#34;") in page_text for t in texts.values())
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(store, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
+        pytest.skip("chromium not installed: apt-get install chromium")
+    page = build_report(store, tmp_path / "rep", study="r")
+    out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+                          page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    body = re.search(r"<body[^>]*>", out.stdout)
+    assert body, out.stderr[-2000:]
+    expected = int(re.search(r'data-figures-expected="(\d+)"', body.group(0)).group(1))
+    loaded = int(re.search(r'data-figures-loaded="(\d+)"', body.group(0)).group(1))
+    assert expected >= 5 and loaded == expected
+
+
+def test_demo_tiny_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "memlens", "demo", "--tiny", "--out", str(tmp_path / "d"), "--quiet"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    report = Path(out.stdout.strip().splitlines()[-1])
+    assert report == (tmp_path / "d" / "report" / "report.html").resolve() and report.is_file()
+    assert "Membership inference per configuration" in report.read_text()

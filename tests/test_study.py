@@ -1,0 +1,129 @@
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memlens.errors import MemlensError
+from memlens.study import StudyConfig, load_study, plan, run_study, shipped_studies
+
+STUDY = """
+name: t
+base:
+  model: tiny
+  data: {source: synthetic, synthetic_size: 300, members: {n: 12}, nonmembers: {n: 12}}
+  train: {epochs: 2, batch_size: 4}
+  audit: {bootstrap: 50, extraction: {n: 4}}
+axes:
+  lora.targets: [[q], [v], [o]]
+profiles:
+  quick: {set: {train.epochs: 1}}
+  two: {axes: {lora.targets: [[q], [k]], lora.rank: [1, 2]}}
+  matched: {match_params: {reference: [q], rank: 4}, axes: {lora.targets: [[q], [k], [q, k]]}}
+"""
+
+
+def _study(tmp_path) -> Path:
+    p = tmp_path / "t.yaml"
+    p.write_text(STUDY)
+    return p
+
+
+def test_expansion_profiles_and_ids(tmp_path):
+    st = load_study(_study(tmp_path))
+    runs = plan(st)
+    assert [r.label for r in runs] == ["lora.targets=[q]", "lora.targets=[v]", "lora.targets=[o]"]
+    assert len({r.run_id for r in runs}) == 3
+    assert all(r.run_id == r.config.config_hash() for r in runs)
+    assert {r.config.train.epochs for r in plan(st, "quick")} == {1.0}
+    two = plan(st, "two")
+    assert [(r.config.lora.targets, r.config.lora.rank) for r in two] == [(["q"], 1), (["q"], 2), (["k"], 1),
+                                                                          (["k"], 2)]
+    assert plan(st, None, ["train.seed=3"])[0].config.train.seed == 3
+    with pytest.raises(MemlensError, match="no profile 'nope'"):
+        plan(st, "nope")
+    with pytest.raises(MemlensError, match="unknown key 'train.epoch'"):
+        plan(st, None, ["train.epoch=3"])
+
+
+def test_parameter_matching_picks_ranks_per_target(tmp_path):
+    runs = plan(load_study(_study(tmp_path)), "matched")
+    ranks = {tuple(r.config.lora.targets): r.config.lora.rank for r in runs}
+    # tiny Llama: q is 64 -> 64, k is 64 -> 32 per layer; q at rank 4 = 2 * 4 * 128 = 1024 parameters
+    assert ranks == {("q",): 4, ("k",): round(1024 / (2 * 96)), ("q", "k"): round(1024 / (2 * 224))}
+
+
+def test_shipped_studies_expand(phee_dir):
+    names = set(shipped_studies())
+    assert {"paper-table-3.1", "paper-rank", "paper-canary", "paper-perplexity", "demo"} <= names
+    expect = {("paper-table-3.1", "quick"): 15, ("paper-table-3.1", "full"): 15, ("paper-rank", "full"): 20,
+              ("paper-rank", "quick"): 8, ("paper-canary", "full"): 18, ("paper-perplexity", "full"): 100,
+              ("paper-perplexity", "quick"): 1}
+    for (name, profile), n in expect.items():
+        runs = plan(load_study(name), profile, [f"data.path={phee_dir}"])
+        assert len(runs) == n, (name, profile)
+    full = plan(load_study("paper-table-3.1"), "full", [f"data.path={phee_dir}"])[0].config
+    assert (full.train.batch_size, full.train.grad_accum, full.train.warmup_steps, full.lora.alpha) == (16, 4, 100, 16)
+    assert full.data.members.n is None and full.data.nonmembers.split == "test"
+    rank = plan(load_study("paper-rank"), "full", [f"data.path={phee_dir}"])
+    assert sorted({r.config.lora.rank for r in rank}) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert {r.config.lora.alpha_rule for r in rank} == {"fixed", "rslora"}
+
+
+def _metrics(db: Path) -> dict:
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT run_id, name, subject, value FROM metrics WHERE name IN ('auc', 'tpr@0.1') "
+                        "ORDER BY run_id, name, subject").fetchall()
+    return {(r, n, s): v for r, n, s, v in rows}
+
+
+def test_killed_study_resumes_without_redoing_runs(tmp_path):
+    study = _study(tmp_path)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "memlens", "study", str(study), "--quiet"]
+    db = tmp_path / "a.sqlite"
+    p = subprocess.Popen([*cmd, "--store", str(db), "--output-dir", str(tmp_path / "a")], env=env,
+                         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if db.is_file() and sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= 1:
+            break
+    os.killpg(p.pid, signal.SIGKILL)  # the study and its worker process, mid-way
+    p.wait()
+    n_before = sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    assert 1 <= n_before < 3
+    out = subprocess.run([*cmd, "--store", str(db), "--output-dir", str(tmp_path / "a")], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"{3 - n_before} runs executed now, 3 in all" in out.stdout.replace("\n", " ")
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT run_id) FROM runs").fetchone() == (3, 3)
+    # the same study, uninterrupted, in another store: the same metrics
+    db2 = tmp_path / "b.sqlite"
+    out = subprocess.run([*cmd, "--store", str(db2), "--output-dir", str(tmp_path / "b")], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert _metrics(db) == _metrics(db2) and len(_metrics(db)) == 3 * 8 * 2
+
+
+def test_ray_executor_runs_a_tiny_study_on_a_local_cluster(tmp_path):
+    ray = pytest.importorskip("ray")
+    st = load_study(_study(tmp_path))
+    runs = plan(st, "quick", [], str(tmp_path / "ray-runs"))[:2]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        done = run_study(st, runs, tmp_path / "ray.sqlite", executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert sorted(done) == sorted(r.run_id for r in runs)
+    local = run_study(st, runs, tmp_path / "local.sqlite", executor="local", progress=False)
+    assert sorted(local) == sorted(done)
+    assert _metrics(tmp_path / "ray.sqlite") == _metrics(tmp_path / "local.sqlite")
+    conn = sqlite3.connect(tmp_path / "ray.sqlite")
+    assert {r[0] for r in conn.execute("SELECT study FROM runs")} == {"t"}
