@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PHEE   ?= $(abspath ../shared/data/phee)
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/memlens demo
+
+bench: setup
+	$(PY) benchmarks/bench.py
+
+bench-quick: setup
+	$(PY) benchmarks/bench.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
