@@ -45,7 +45,8 @@ def _ids_hash(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:32]
 
 
-def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditConfig, pad_id: int) -> SampleStats:
+def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditConfig, pad_id: int,
+                 progress: bool = False) -> SampleStats:
     """Statistics of ``seqs`` under the *base* model, cached per record (keyed by model, settings and token ids).
 
     A study scores the same records under the same base model run after run: each record is scored once.
@@ -62,7 +63,7 @@ def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditC
     missing = [i for i, h in enumerate(hashes) if h not in have]
     if missing:
         new = score(model, [seqs[i] for i in missing], batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks,
-                    min_k_pp=True).to_arrays()
+                    min_k_pp=True, progress="score base" if progress else None).to_arrays()
         merged = {"hashes": np.concatenate([cached.get("hashes", np.array([], dtype="U32")),
                                             np.array([hashes[i] for i in missing], dtype="U32")])}
         for k, v in new.items():
@@ -98,7 +99,8 @@ def _ppl(stats: SampleStats) -> float:
 
 
 def audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Record], member: np.ndarray,
-          seqs: list[list[int]], canaries: dict[str, int], cfg: AuditConfig, pad_id: int) -> AuditOutput:
+          seqs: list[list[int]], canaries: dict[str, int], cfg: AuditConfig, pad_id: int,
+          progress: bool = False) -> AuditOutput:
     """Attack, extract and measure, given the base statistics of ``records`` (in the same order).
 
     ``member`` holds 1 for members and 0 for non-members; ``canaries`` maps a canary id to its copies.
@@ -106,14 +108,16 @@ def audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Recor
     with warnings.catch_warnings():
         # degenerate inputs (a constant score, too few points) give nan correlations: stored as such, not warned
         warnings.simplefilter("ignore", M.MemlensUndefinedMetricWarning)
-        return _audit(lm, model_ft, base, records, member, seqs, canaries, cfg, pad_id)
+        return _audit(lm, model_ft, base, records, member, seqs, canaries, cfg, pad_id, progress)
 
 
 def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Record], member: np.ndarray,
-           seqs: list[list[int]], canaries: dict[str, int], cfg: AuditConfig, pad_id: int) -> AuditOutput:
+           seqs: list[list[int]], canaries: dict[str, int], cfg: AuditConfig, pad_id: int,
+           progress: bool) -> AuditOutput:
     out = AuditOutput()
     t = time.perf_counter()
-    ft = score(model_ft, seqs, batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks, min_k_pp=True)
+    ft = score(model_ft, seqs, batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks, min_k_pp=True,
+               progress="score fine-tuned" if progress else None)
     out.timings["score_ft_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -176,7 +180,8 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
             Decoding(tmp, ex.top_p, ex.samples) for tmp in ex.temperatures]
         rows = extract(model_ft, [seqs[i] for i in chosen], [bool(y[i]) for i in chosen], decodings,
                        pad_id=pad_id, eos_id=lm.tokenizer.eos_token_id, rule=ex.prefix, fraction=ex.prefix_fraction,
-                       length=ex.prefix_length, batch_size=ex.batch_size, seed=ex.seed, score_batch_size=cfg.batch_size)
+                       length=ex.prefix_length, batch_size=ex.batch_size, seed=ex.seed, score_batch_size=cfg.batch_size,
+                       progress=progress)
         for r in rows:
             rec = records[chosen[r.index]]
             text = lm.tokenizer.decode(r.continuation) if cfg.include_text else None
@@ -237,11 +242,12 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     records, member = _audit_records(prep.split)
     seqs = prep.lm.encode([r.text for r in records], cfg.train.add_bos, cfg.train.max_length)
     t = time.perf_counter()
-    base = cached_score(prep.lm, prep.lm.model, seqs, cfg.audit, prep.pad_id)  # before any adapter is attached
+    base = cached_score(prep.lm, prep.lm.model, seqs, cfg.audit, prep.pad_id, progress)  # before the adapter
     timings["score_base_s"] = time.perf_counter() - t
     tr = train(cfg, prep, progress)
     timings["train_s"] = tr.seconds
-    out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id)
+    out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id,
+                progress)
     timings.update(out.timings)
     timings["total_s"] = time.perf_counter() - t0
     summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,
@@ -325,7 +331,7 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
     seqs = lm.encode([r.text for r in records], add_bos)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.bos_id or 0)
     t = time.perf_counter()
-    base = cached_score(lm, lm.model, seqs, cfg, pad_id)
+    base = cached_score(lm, lm.model, seqs, cfg, pad_id, progress=True)
     timings = {"score_base_s": time.perf_counter() - t}
     model = lm.model
     if adapter_dir is not None:
@@ -333,7 +339,7 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
 
         model = PeftModel.from_pretrained(lm.model, str(adapter_dir), is_trainable=False)
         model.eval()
-    out = audit(lm, model, base, records, member, seqs, {}, cfg, pad_id)
+    out = audit(lm, model, base, records, member, seqs, {}, cfg, pad_id, progress=True)
     timings.update(out.timings)
     timings["total_s"] = time.perf_counter() - t0
     manifest_hash = json_hash({"members": [[r.id, r.text_hash] for r in members],

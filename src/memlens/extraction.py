@@ -116,46 +116,56 @@ class Decoding:
 
 
 def generate(model: Any, prompts: list[list[int]], max_new: list[int], decoding: Decoding, *, pad_id: int,
-             eos_id: int | None, batch_size: int = 32, seed: int = 0) -> list[list[list[int]]]:
+             eos_id: int | None, batch_size: int = 32, seed: int = 0,
+             progress: str | None = None) -> list[list[list[int]]]:
     """For each prompt, ``decoding.samples`` continuations of at most max_new[i] tokens (cut at the first EOS).
 
     Prompts are grouped by length, left-padded, and generated with the KV cache. Sampling is seeded per batch.
     """
-    import torch
+    from memlens.progress import progress_bar
 
     device = next(model.parameters()).device
     out: list[list[list[int]]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), max_new[i]))
     was_training = model.training
     model.eval()
-    for b0 in range(0, len(order), batch_size):
-        batch = order[b0 : b0 + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]) :] = 1
-        kwargs: dict[str, Any] = dict(max_new_tokens=max(max_new[i] for i in batch), min_new_tokens=0,
-                                      pad_token_id=pad_id, num_return_sequences=decoding.samples, use_cache=True)
-        if eos_id is not None:
-            kwargs["eos_token_id"] = eos_id
-        if decoding.temperature is None:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=None)
-        torch.manual_seed(seed + b0)
-        with torch.inference_mode():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        new = gen[:, width:].cpu().tolist()
-        for r, i in enumerate(batch):
-            for s in range(decoding.samples):
-                toks = new[r * decoding.samples + s][: max_new[i]]
-                if eos_id is not None and eos_id in toks:
-                    toks = toks[: toks.index(eos_id)]
-                out[i].append(toks)
+    with progress_bar(progress or "", len(order), enabled=progress is not None, unit="prompts") as advance:
+        for b0 in range(0, len(order), batch_size):
+            _generate_batch(model, prompts, max_new, decoding, order[b0 : b0 + batch_size], out, pad_id=pad_id,
+                            eos_id=eos_id, seed=seed + b0, device=device)
+            advance(min(batch_size, len(order) - b0))
     model.train(was_training)
     return out
+
+
+def _generate_batch(model: Any, prompts: list[list[int]], max_new: list[int], decoding: Decoding, batch: list[int],
+                    out: list[list[list[int]]], *, pad_id: int, eos_id: int | None, seed: int, device: Any) -> None:
+    import torch
+
+    width = max(len(prompts[i]) for i in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, i in enumerate(batch):
+        ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+        mask[r, width - len(prompts[i]) :] = 1
+    kwargs: dict[str, Any] = dict(max_new_tokens=max(max_new[i] for i in batch), min_new_tokens=0,
+                                  pad_token_id=pad_id, num_return_sequences=decoding.samples, use_cache=True)
+    if eos_id is not None:
+        kwargs["eos_token_id"] = eos_id
+    if decoding.temperature is None:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=None)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    new = gen[:, width:].cpu().tolist()
+    for r, i in enumerate(batch):
+        for s in range(decoding.samples):
+            toks = new[r * decoding.samples + s][: max_new[i]]
+            if eos_id is not None and eos_id in toks:
+                toks = toks[: toks.index(eos_id)]
+            out[i].append(toks)
 
 
 @dataclass
@@ -173,7 +183,8 @@ class ExtractionRow:
 
 def extract(model: Any, seqs: list[list[int]], members: list[bool], decodings: list[Decoding], *, pad_id: int,
             eos_id: int | None, rule: str = "midpoint", fraction: float = 0.5, length: int = 16,
-            batch_size: int = 32, seed: int = 0, score_batch_size: int = 32) -> list[ExtractionRow]:
+            batch_size: int = 32, seed: int = 0, score_batch_size: int = 32,
+            progress: bool = False) -> list[ExtractionRow]:
     """Run every decoding on every sequence and score each continuation (and its perplexity under ``model``)."""
     from memlens.scoring import score
 
@@ -183,7 +194,7 @@ def extract(model: Any, seqs: list[list[int]], members: list[bool], decodings: l
     rows: list[ExtractionRow] = []
     for d in decodings:
         conts = generate(model, prompts, [len(x) for x in suffixes], d, pad_id=pad_id, eos_id=eos_id,
-                         batch_size=batch_size, seed=seed)
+                         batch_size=batch_size, seed=seed, progress=f"extract {d.label}" if progress else None)
         for i, samples in enumerate(conts):
             for j, c in enumerate(samples):
                 rows.append(ExtractionRow(i, members[i], d.label, j, len(prompts[i]), len(suffixes[i]), c,

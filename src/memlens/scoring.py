@@ -101,12 +101,16 @@ def score(
     ks: Sequence[float] = (),
     min_k_pp: bool = False,
     starts: Sequence[int] | None = None,
+    progress: str | None = None,
 ) -> SampleStats:
     """Per-sample statistics of token sequences under ``model`` (see the module docstring).
 
     ``starts[i]`` (default 1) is the position of the first target of sequence i; earlier tokens are context only.
+    ``progress``: a description to show a progress bar under, or None for none.
     """
     import torch
+
+    from memlens.progress import progress_bar
 
     device = next(model.parameters()).device
     n = len(seqs)
@@ -117,8 +121,9 @@ def score(
     mkpp = {k: np.zeros(n) for k in ks} if min_k_pp else {}
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), progress_bar(progress or "", n, enabled=progress is not None) as advance:
         for batch in length_sorted_batches([len(s) for s in seqs], batch_size):
+            advance(len(batch))
             ids, mask, _ = pad_batch([seqs[i] for i in batch], pad_id)
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
