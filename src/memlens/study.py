@@ -165,11 +165,19 @@ def _matched_ranks(study: str, mp: MatchParams, base: dict[str, Any], axes: dict
 # -------------------------------------------------------------------------------------------------------- execution
 
 
-def _worker(cfg_json: dict[str, Any], study: str) -> dict[str, Any]:
-    """Runs in a fresh process: import, fine-tune, audit, return the record."""
+def _worker(cfg_json: dict[str, Any], study: str, threads: int | None = None) -> dict[str, Any]:
+    """Runs in a fresh process: import, fine-tune, audit, return the record.
+
+    ``threads``: torch's intra-op threads, set to the CPUs a Ray task declared, so that tasks sharing a machine do
+    not oversubscribe its cores (which slows small matrix products many times over).
+    """
     import warnings
 
     warnings.filterwarnings("ignore")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from memlens.audit import compute_run
 
     return compute_run(RunConfig.model_validate(cfg_json), progress=False, study=study)
@@ -239,7 +247,8 @@ def _execute(todo: list[PlannedRun], study: str, executor: str, cpus: float, gpu
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         try:
             remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1)(_worker)
-            pending = {remote.remote(r.config.model_dump(mode="json"), study): r for r in todo}
+            threads = max(1, int(cpus))
+            pending = {remote.remote(r.config.model_dump(mode="json"), study, threads): r for r in todo}
             for r in todo:
                 on_start(r)
             while pending:
