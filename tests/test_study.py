@@ -114,6 +114,7 @@ def test_killed_study_resumes_without_redoing_runs(tmp_path):
 
 def test_ray_executor_runs_a_tiny_study_on_a_local_cluster(tmp_path):
     ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     st = load_study(_study(tmp_path))
     runs = plan(st, "quick", [], str(tmp_path / "ray-runs"))[:2]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

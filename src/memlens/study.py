@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +243,7 @@ def _execute(todo: list[PlannedRun], study: str, executor: str, cpus: float, gpu
         except ImportError:
             raise MemlensError("--executor ray needs Ray: pip install 'memlens[ray]'") from None
         address = executor.partition(":")[2] or None
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # memlens sends nothing over the network by default
         started = not ray.is_initialized()
         if started:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
