@@ -52,7 +52,7 @@ def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditC
     A study scores the same records under the same base model run after run: each record is scored once.
     """
     key = json_hash({"model": lm.info.get("identity", lm.info["source"]), "dtype": lm.info["dtype"],
-                     "ks": sorted(cfg.ks), "min_k_pp": True})
+                     "device": next(model.parameters()).device.type, "ks": sorted(cfg.ks), "min_k_pp": True})
     path = cache_dir() / "stats" / f"{key[:32]}.npz"
     hashes = [_ids_hash(s) for s in seqs]
     cached: dict[str, np.ndarray] = {}
