@@ -205,3 +205,29 @@ def test_cli_run_results_list_show_export(tmp_path):
     assert out.returncode == 0 and (tmp_path / "x.csv").read_text().startswith("id,member,")
     out = memlens("results", "show", "nope", "--store", store)
     assert out.returncode == 2 and "no run 'nope'" in out.stderr
+
+
+def test_cli_audit_of_an_adapter_folder(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cfg = _cfg(tmp_path, "data.members.n=12", "data.nonmembers.n=12", "train.epochs=3", "audit.extraction=null")
+    res = run_config(cfg, progress=False)
+    from memlens.data import load_corpus, make_split
+
+    split = make_split(load_corpus(cfg.data), cfg.data)
+    (tmp_path / "m.csv").write_text("id,text\n" + "".join(f'{r.id},"{r.text}"\n' for r in split.members))
+    (tmp_path / "n.jsonl").write_text("".join(json.dumps({"id": r.id, "text": r.text}) + "\n"
+                                              for r in split.nonmembers))
+    args = [sys.executable, "-m", "memlens", "audit", "--model", "tiny", "--adapter", str(res.run_dir / "adapter"),
+            "--members", "m.csv", "--nonmembers", "n.jsonl", "--store", "a.sqlite", "audit.extraction=null",
+            "audit.bootstrap=0"]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    conn = S.connect(tmp_path / "a.sqlite")
+    run_id = S.list_runs(conn)[0]["run_id"]
+    assert _auc(conn, run_id, "ref_ratio") == pytest.approx(res.summary["attacks"]["ref_ratio"]["auc"], abs=1e-9)
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 2 and "already in" in out.stderr
+    (tmp_path / "bad").mkdir()
+    out = subprocess.run([*args[:7], str(tmp_path / "bad"), *args[8:]], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 2 and "not an adapter folder" in out.stderr

@@ -219,18 +219,24 @@ def audit_cmd(
     members: str = typer.Option(..., "--members", help="JSONL or CSV of member texts (field text, optional id)"),
     nonmembers: str = typer.Option(..., "--nonmembers", help="JSONL or CSV of non-member texts"),
     store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store", help="results store (SQLite)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML of audit settings (the audit: section)"),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the audit settings"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of audit settings (as the audit: section of "
+                                          "a run config, with or without the audit: key)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the audit settings, e.g. "
+                                                    "extraction.n=64 (a leading audit. is accepted)"),
     dtype: str = typer.Option("float32", "--dtype"),
     overwrite: bool = typer.Option(False, "--overwrite", help="redo an audit already in the store"),
     name: Optional[str] = typer.Option(None, "--name", help="a name for the run in the store"),
 ) -> None:
     """Audit an adapter trained elsewhere against its base model."""
     from memlens.audit import audit_adapter
-    from memlens.config import AuditConfig, load_config
+    from memlens.config import AuditConfig, deep_merge, parse_overrides, read_yaml, validate
 
     _setup_logging()
-    cfg = load_config(config, overrides or [], model=AuditConfig)
+    raw = read_yaml(config) if config is not None else {}
+    if set(raw) == {"audit"}:
+        raw = raw["audit"]
+    raw = deep_merge(raw, parse_overrides([o.removeprefix("audit.") for o in overrides or []]))
+    cfg = validate(raw, AuditConfig, where=str(config) if config else "audit settings")
     res = audit_adapter(model, adapter, members, nonmembers, cfg, db=store, dtype=dtype, overwrite=overwrite,
                         name=name)
     print_audit_summary(res.summary, f"audit {res.run_id[:12]}")
