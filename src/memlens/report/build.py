@@ -105,6 +105,10 @@ def verdict_text(rows: list[dict[str, Any]]) -> str:
     if neg == n:
         return (f"No, the opposite: in all {n} paired comparisons adapting V or O gives a lower AUC than Q or K "
                 "(every 95% interval below zero). The paper's effect does not appear with this model and data.")
+    if pos == 0 and neg > 0:
+        return (f"No: none of the {n} paired comparisons shows a higher AUC for V or O than for Q or K; {neg} show a "
+                f"significantly lower one (the opposite of the paper's finding) and {n - neg} are not resolved "
+                "(the 95% interval contains zero).")
     return (f"Mixed: of {n} paired comparisons (V or O against Q or K), {pos} show a significantly higher AUC for V/O, "
             f"{neg} a significantly lower one, and {n - pos - neg} are not resolved (the 95% interval contains "
             "zero). The data here do not establish the paper's claim that V and O memorize more than Q and K.")
