@@ -1,3 +1,4 @@
+import html
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import pytest
 
 from memlens import metrics as M
 from memlens.report import build_report
+from memlens.report.build import verdict_text
 from memlens.report import data as D
 from memlens.study import StudyConfig, plan, run_study
 
@@ -51,8 +53,13 @@ def test_report_files_tables_and_verdict(store, tmp_path):
         sb = D.sample_scores(conn, rb.run_id, ["score_ref_ratio"])
         d = M.auc(sa["member"], sa["score_ref_ratio"]) - M.auc(sb["member"], sb["score_ref_ratio"])
         assert float(diff) == pytest.approx(d, abs=6e-4)
-    verdict = re.search(r'<p class="verdict">(.*?)</p>', page, re.S).group(1)
-    assert verdict.split(":")[0] in ("Yes", "Mixed", "No, the opposite")
+    verdict = html.unescape(re.search(r'<p class="verdict">(.*?)</p>', page, re.S).group(1))
+    readings = re.findall(r'<td class="l">(higher|lower|not resolved)</td></tr>', page)
+    assert len(readings) == 4
+    assert verdict == verdict_text([{"verdict": v} for v in readings])
+    n_low, n_high = readings.count("lower"), readings.count("higher")
+    if n_high == 0 and n_low == 0:
+        assert verdict.startswith("Mixed: of 4 paired comparisons") and "4 are not resolved" in verdict
     # raw training text stays out unless asked for
     texts = D.texts(conn, runs[0].run_id)
     assert texts and not any(t in page for t in texts.values())
@@ -90,3 +97,16 @@ def test_demo_tiny_end_to_end(tmp_path):
     report = Path(out.stdout.strip().splitlines()[-1])
     assert report == (tmp_path / "d" / "report" / "report.html").resolve() and report.is_file()
     assert "Membership inference per configuration" in report.read_text()
+
+
+def test_verdict_text_by_case():
+    def rows(*v):
+        return [{"verdict": x} for x in v]
+
+    assert verdict_text([]).startswith("This store has no pair")
+    assert verdict_text(rows("higher", "higher")).startswith("Yes: in all 2 paired comparisons")
+    assert verdict_text(rows("lower", "lower")).startswith("No, the opposite: in all 2")
+    assert verdict_text(rows("lower", "not resolved")).startswith(
+        "No: none of the 2 paired comparisons shows a higher AUC for V or O than for Q or K; 1 show")
+    assert verdict_text(rows("higher", "lower", "not resolved")).startswith(
+        "Mixed: of 3 paired comparisons (V or O against Q or K), 1 show a significantly higher AUC for V/O, 1")
