@@ -329,7 +329,7 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
     t0 = time.perf_counter()
     lm = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     seqs = lm.encode([r.text for r in records], add_bos)
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.bos_id or 0)
+    pad_id = lm.pad_id
     t = time.perf_counter()
     base = cached_score(lm, lm.model, seqs, cfg, pad_id, progress=True)
     timings = {"score_base_s": time.perf_counter() - t}

@@ -243,14 +243,20 @@ def audit_cmd(
     console.print(f"store: {res.store}", soft_wrap=True)
 
 
+def _open_store(store: Path):
+    from memlens import store as S
+
+    if not store.is_file():
+        raise MemlensError(f"{store}: no results store")
+    return S.connect(store)
+
+
 @results_app.command("list")
 def results_list(store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store")) -> None:
     """The runs in a store."""
     from memlens import store as S
 
-    if not store.is_file():
-        raise MemlensError(f"{store}: no results store")
-    conn = S.connect(store)
+    conn = _open_store(store)
     t = Table(title=str(store))
     for col in ("run", "name", "study", "members", "AUC ref_ratio", "AUC loss", "held-out ppl"):
         t.add_column(col)
@@ -271,9 +277,7 @@ def results_show(
     """One run: its summary table, or everything stored about it as JSON."""
     from memlens import store as S
 
-    if not store.is_file():
-        raise MemlensError(f"{store}: no results store")
-    conn = S.connect(store)
+    conn = _open_store(store)
     run_data = S.get_run(conn, S.resolve_run(conn, run_ref))
     if as_json:
         print(json.dumps(run_data, indent=2, default=str))
@@ -291,9 +295,7 @@ def results_export(
     """The per-sample table of a run (id, member, n_tokens, nll_base, nll_ft, score_<attack> ...)."""
     from memlens import store as S
 
-    if not store.is_file():
-        raise MemlensError(f"{store}: no results store")
-    conn = S.connect(store)
+    conn = _open_store(store)
     print(S.export(conn, S.resolve_run(conn, run_ref), fmt, out))
 
 

@@ -222,9 +222,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     train_ids = lm.encode([r.text for r in split.train], cfg.train.add_bos, cfg.train.max_length)
     if any(len(s) < 2 for s in train_ids):
         raise MemlensError("a training text has fewer than 2 tokens (nothing to predict); check the data")
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.bos_id or 0)
     timings["model_s"] = time.perf_counter() - t
-    return Prepared(split, lm, train_ids, pad_id, timings)
+    return Prepared(split, lm, train_ids, lm.pad_id, timings)
 
 
 def train(cfg: RunConfig, prep: Prepared, progress: bool = True) -> Trained:

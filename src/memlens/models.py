@@ -108,6 +108,13 @@ class LoadedModel:
     bos_id: int | None
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def pad_id(self) -> int:
+        """Token used for padding (always masked): the tokenizer's pad token, else the BOS, else 0."""
+        if self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        return self.bos_id if self.bos_id is not None else 0
+
     def encode(self, texts: list[str], add_bos: bool = True, max_length: int | None = None) -> list[list[int]]:
         """Token ids of each text: no special tokens from the tokenizer, the BOS prepended when asked."""
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]

@@ -151,6 +151,3 @@ def score(
     model.train(was_training)
     return SampleStats(n_tokens, sum_nll, mk, mkpp)
 
-
-def perplexity(mean_nll: float) -> float:
-    return math.exp(mean_nll)
