@@ -155,7 +155,7 @@ def make_split(corpus: Corpus, cfg: DataConfig) -> Split:
     if m_split == n_split:
         pool = list(corpus.splits[m_split])
         rng.shuffle(pool)
-        n_m = cfg.members.n if cfg.members.n is not None else None
+        n_m = cfg.members.n
         n_n = cfg.nonmembers.n
         if n_m is None or n_n is None:
             raise MemlensError(
@@ -184,7 +184,8 @@ def make_split(corpus: Corpus, cfg: DataConfig) -> Split:
             raise MemlensError(f"data.overlap=error: {msg}")
         if cfg.overlap == "drop":
             log.warning("%s; dropped from the non-members", msg)
-            nonmembers = [r for r in nonmembers if r.id not in set(ids)]
+            dropped = set(ids)
+            nonmembers = [r for r in nonmembers if r.id not in dropped]
         else:
             log.warning(msg)
     if not members or not nonmembers:

@@ -77,11 +77,11 @@ def paired_rows(conn, runs: list[D.RunView], attack: str, n_boot: int = 1000) ->
                                                                           TARGET_ORDER.get(kv[0][0], 9))):
         if t not in ("V", "O"):
             continue
+        sa = D.sample_scores(conn, ra.run_id, [f"score_{attack}"])
         for other in ("Q", "K"):
             rb = by.get((other, rank, seeds, rest))
             if rb is None:
                 continue
-            sa = D.sample_scores(conn, ra.run_id, [f"score_{attack}"])
             sb = D.sample_scores(conn, rb.run_id, [f"score_{attack}"])
             if sa["ids"] != sb["ids"]:
                 continue  # not the same records: no paired comparison
@@ -179,8 +179,6 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
     rep: dict[str, list] = defaultdict(list)
     control = []
     for r in runs:
-        if r.repeats < 1:
-            continue
         gens = D.generations(conn, r.run_id)
         cids = D.canary_ids(conn, r.run_id)
         by_dec: dict[str, list[float]] = defaultdict(list)
