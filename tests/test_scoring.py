@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from memlens.models import build_tiny
+from memlens import scoring as S
+from memlens.config import LoraConfig
+from memlens.finetune import apply_lora
 from memlens.scoring import score, zlib_length
 
 TEXTS = ["Short one.", "A 45-year-old woman developed acute hepatitis after amiodarone 200 mg daily.",
@@ -30,10 +33,16 @@ def _lowest(vals, k):
     return sum(sorted(vals)[:m]) / m
 
 
-def test_stats_match_an_independent_per_sample_computation():
-    lm = build_tiny()
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("path", ["head on targets", "full logits"])
+def test_stats_match_an_independent_per_sample_computation(arch, path, monkeypatch):
+    lm = build_tiny(arch=arch)
     seqs = lm.encode(TEXTS)
-    st = score(lm.model, seqs, batch_size=2, pad_id=lm.tokenizer.pad_token_id, ks=(0.1, 0.5, 1.0), min_k_pp=True)
+    assert S.plain_head(lm.model) is not None  # both tiny models have a plain output head
+    if path == "full logits":
+        monkeypatch.setattr(S, "plain_head", lambda model: None)
+    st = score(lm.model, seqs, batch_size=2, pad_id=lm.tokenizer.pad_token_id, ks=(0.1, 0.5, 1.0), min_k_pp=True,
+               head_chunk=7)  # chunks that cut through sequences
     for i, s in enumerate(seqs):
         lp, z = _one_at_a_time(lm.model, s)
         assert st.n_tokens[i] == len(s) - 1
@@ -43,6 +52,24 @@ def test_stats_match_an_independent_per_sample_computation():
             assert st.min_k[k][i] == pytest.approx(_lowest(lp, k), abs=1e-5)
             assert st.min_k_pp[k][i] == pytest.approx(_lowest(z, k), abs=1e-4)
         assert st.min_k[1.0][i] == pytest.approx(np.mean(lp), abs=1e-5)
+
+
+def test_adapted_model_is_scored_through_its_adapter():
+    lm = build_tiny()
+    seqs = lm.encode(TEXTS)
+    model, _ = apply_lora(lm, LoraConfig(targets=["q", "v", "o"], rank=2), seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.eval()  # no LoRA dropout in the reference computation
+    st = score(model, seqs, batch_size=3, pad_id=0)
+    for i, s in enumerate(seqs):
+        lp, _ = _one_at_a_time(model, s)
+        assert st.mean_nll[i] == pytest.approx(-np.mean(lp), abs=1e-5)
+    with model.disable_adapter():
+        base = score(model, seqs, batch_size=3, pad_id=0)
+    assert np.abs(base.mean_nll - st.mean_nll).max() > 1e-3  # the adapter matters, and was used above
 
 
 def test_starts_restrict_the_targets():

@@ -17,6 +17,7 @@ from memlens.errors import MemlensError
 from memlens.provenance import json_hash
 
 LogicalTarget = Literal["q", "k", "v", "o", "qkv", "gate", "up", "down"]
+Precision = Literal["auto", "float32", "bfloat16"]
 
 
 class _Strict(BaseModel):
@@ -111,7 +112,12 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; None = off")
     seed: int = Field(0, description="seed of LoRA initialisation, dropout and batch order")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the weights are loaded in")
+    precision: Precision = Field("auto", description="matrix products while training: auto = bfloat16 (autocast, "
+                                 "weights and optimizer in float32) where the CPU or GPU has fast bf16, else float32")
+    batching: Literal["grouped", "random"] = Field(
+        "grouped", description="grouped: shuffled batches of similar-length sequences (little padding, as the "
+        "Trainer's group_by_length); random: plain shuffled batches (the paper's Trainer default)")
     add_bos: bool = Field(True, description="prepend the BOS token (the paper's default); it is never a target")
     max_length: int | None = Field(None, ge=2, description="truncate longer sequences (tokens, BOS included)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -129,7 +135,7 @@ class ExtractionConfig(_Strict):
                                       "[0.1, 0.5, 1.0] (the paper's)")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus mass for sampling (Llama-2's default, as in the paper)")
     samples: int = Field(1, ge=1, description="continuations per prompt and temperature")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(128, ge=1, description="prompts generated together")
     seed: int = Field(0)
 
     @field_validator("temperatures")
@@ -150,7 +156,9 @@ class AuditConfig(_Strict):
                             description="Min-K% fractions computed and stored per sample")
     fpr: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1], description="targets of TPR@FPR")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC interval (0 = off)")
-    batch_size: int = Field(32, ge=1, description="sequences per scoring batch")
+    batch_size: int = Field(64, ge=1, description="sequences per scoring batch")
+    precision: Precision = Field("auto", description="scoring and generation: auto = bfloat16 where the CPU or GPU "
+                                 "has fast bf16, else float32 (log-softmax always in float32)")
     extraction: ExtractionConfig | None = Field(default_factory=ExtractionConfig, description="None = skip")
     include_text: bool = Field(False, description="store raw texts and generations (sensitive) in the store")
 

@@ -99,6 +99,42 @@ def plan_steps(n_examples: int, cfg: TrainConfig) -> tuple[int, int]:
     return micro, total
 
 
+def epoch_batches(lengths: list[int], batch_size: int, batching: str, gen: Any) -> list[list[int]]:
+    """One epoch's micro-batches of indices, every sequence once.
+
+    ``random``: a shuffled order cut into batches (the paper's Trainer default; about half of the tokens of a PHEE
+    batch are padding). ``grouped``: the shuffled order is cut into mega-batches of 50 batches, each sorted by length
+    jittered by a random factor in [e^-0.1, e^0.1] (so that batches differ from epoch to epoch, as with random
+    batches) and cut into batches, whose order is then shuffled: padding falls to 10-20% on PHEE.
+    """
+    import torch
+
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if batching == "random":
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    jitter = torch.empty(len(lengths)).uniform_(-0.1, 0.1, generator=gen).exp().tolist()
+    mega = 50 * batch_size
+    batches = []
+    for m in range(0, len(order), mega):
+        group = sorted(order[m : m + mega], key=lambda i: -lengths[i] * jitter[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def autocast(model: Any, precision: str) -> Any:
+    """bf16 autocast for the forward pass when ``precision`` resolves to bfloat16 and the weights are float32."""
+    import contextlib
+
+    import torch
+
+    from memlens.models import resolve_precision, weights_dtype
+
+    device = next(model.parameters()).device
+    if resolve_precision(precision, device) == "bfloat16" and weights_dtype(model) == torch.float32:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int, progress: bool = True) -> list[dict]:
     """Train ``model`` in place on the token sequences; returns one log row per optimizer step."""
     import torch
@@ -123,8 +159,7 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=total, loss="-", tps="-")
         while step < total:
-            order = torch.randperm(len(seqs), generator=gen).tolist()
-            batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            batches = epoch_batches([len(s) for s in seqs], cfg.batch_size, cfg.batching, gen)
             for g in range(0, len(batches), cfg.grad_accum):
                 if step >= total:
                     break
@@ -134,7 +169,8 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
                 for b in group:
                     ids, mask, labels = pad_batch([seqs[i] for i in b], pad_id)
                     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                    with autocast(model, cfg.precision):
+                        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
                     nll = torch.nn.functional.cross_entropy(
                         logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
                         reduction="sum")

@@ -98,6 +98,51 @@ def module_shape(model: Any, name: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------- loading
 
 
+# ------------------------------------------------------------------------------------------------------- precision
+
+
+def fast_bf16(device: Any) -> bool:
+    """Whether bfloat16 matrix products are native on ``device``: a CUDA GPU with bf16, or a CPU with AVX512-BF16
+    or AMX (read from /proc/cpuinfo; elsewhere, such as macOS, float32 is kept)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_precision(precision: str, device: Any) -> str:
+    """``auto`` -> ``bfloat16`` where :func:`fast_bf16`, else ``float32``; an explicit choice is kept."""
+    if precision == "auto":
+        return "bfloat16" if fast_bf16(device) else "float32"
+    return precision
+
+
+def weights_dtype(model: Any) -> Any:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def at_precision(model: Any, precision: str) -> Any:
+    """``model`` itself when its weights are float32 and float32 is asked, or when they are already in half
+    precision; otherwise a copy in ``precision`` (the original keeps its float32 weights for training)."""
+    import copy
+
+    import torch
+
+    dtype = getattr(torch, precision)
+    current = weights_dtype(model)
+    if current == dtype or current in (torch.float16, torch.bfloat16):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
 @dataclass
 class LoadedModel:
     """A base model ready to use: the model, its tokenizer, the BOS id memlens prepends, and provenance."""

@@ -11,7 +11,8 @@ Per-sample statistics:
   the mean and standard deviation of log p over the vocabulary under p at position t (Zhang et al. 2024,
   Min-K%++).
 
-Memory stays bounded by one batch of logits, whatever the corpus size: no logits are kept across batches.
+Memory stays bounded by one batch of hidden states and one chunk of logits, whatever the corpus size. Only the
+target positions go through the output head (padding and prompt tokens cost no vocabulary-sized work).
 """
 
 from __future__ import annotations
@@ -92,21 +93,59 @@ def _lowest_mean(values: np.ndarray, k: float) -> float:
     return float(np.partition(values, m - 1)[:m].mean())
 
 
+def plain_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, output head) when the logits are the head applied to the decoder's last hidden state, else None.
+
+    Then :func:`score` runs the head only on the target positions, a chunk at a time, and padding costs no
+    vocabulary-sized work. Models that rescale or soft-cap their logits take the full-logits path.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if cfg is None or any(getattr(cfg, a, None) not in (None, 1, 1.0)
+                          for a in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def token_stats(logits: Any, targets: Any, min_k_pp: bool) -> tuple[Any, Any | None]:
+    """log p(target) for each row of ``logits`` (N, V), and the Min-K%++ z-score when asked; float32 throughout."""
+    import torch
+
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target_lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not min_k_pp:
+        return target_lp, None
+    logp = logits.sub_(lse[:, None])  # in place: the float logits are not needed any more
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    sigma = (p * (logp - mu[:, None]).square()).sum(-1).clamp_min(1e-24).sqrt()  # stable two-pass
+    return target_lp, (target_lp - mu) / sigma
+
+
 def score(
     model: Any,
     seqs: list[list[int]],
     *,
-    batch_size: int = 32,
+    batch_size: int = 64,
     pad_id: int = 0,
     ks: Sequence[float] = (),
     min_k_pp: bool = False,
     starts: Sequence[int] | None = None,
     progress: str | None = None,
+    head_chunk: int = 128,
 ) -> SampleStats:
     """Per-sample statistics of token sequences under ``model`` (see the module docstring).
 
     ``starts[i]`` (default 1) is the position of the first target of sequence i; earlier tokens are context only.
-    ``progress``: a description to show a progress bar under, or None for none.
+    ``progress``: a description to show a progress bar under, or None for none. The model runs in the precision of
+    its weights; the log-softmax is taken in float32, ``head_chunk`` target positions at a time.
     """
     import torch
 
@@ -115,39 +154,48 @@ def score(
     device = next(model.parameters()).device
     n = len(seqs)
     starts = [1] * n if starts is None else list(starts)
+    for i, s in enumerate(seqs):
+        if len(s) - 1 < starts[i]:
+            raise ValueError(f"sequence {i} has no target (length {len(s)}, start {starts[i]})")
     n_tokens = np.zeros(n, dtype=np.int64)
     sum_nll = np.zeros(n, dtype=np.float64)
     mk = {k: np.zeros(n) for k in ks}
     mkpp = {k: np.zeros(n) for k in ks} if min_k_pp else {}
+    split = plain_head(model)
     was_training = model.training
     model.eval()
     with torch.inference_mode(), progress_bar(progress or "", n, enabled=progress is not None) as advance:
         for batch in length_sorted_batches([len(s) for s in seqs], batch_size):
-            advance(len(batch))
             ids, mask, _ = pad_batch([seqs[i] for i in batch], pad_id)
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
-            logp = torch.log_softmax(logits, dim=-1)
-            del logits
-            target_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-            if min_k_pp:
-                p = logp.exp()
-                mu = (p * logp).sum(-1)
-                sigma = (p * (logp - mu[..., None]).square()).sum(-1).clamp_min(1e-24).sqrt()  # stable two-pass
-                z = ((target_lp - mu) / sigma).double().cpu().numpy()
-                del p
-            del logp
-            lp = target_lp.double().cpu().numpy()
-            for row, i in enumerate(batch):
-                a, b = starts[i] - 1, len(seqs[i]) - 1  # target positions [a, b) in the shifted frame
-                if b <= a:
-                    raise ValueError(f"sequence {i} has no target (length {len(seqs[i])}, start {starts[i]})")
-                t = lp[row, a:b]
-                n_tokens[i], sum_nll[i] = b - a, -t.sum()
+            # the target positions of the batch, row by row: position t predicts token t + 1
+            rows = torch.cat([torch.full((len(seqs[i]) - starts[i],), r) for r, i in enumerate(batch)])
+            pos = torch.cat([torch.arange(starts[i] - 1, len(seqs[i]) - 1) for i in batch])
+            rows, pos = rows.to(device), pos.to(device)
+            targets = ids[rows, pos + 1]
+            if split is not None:
+                decoder, head = split
+                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[rows, pos]  # (N, H)
+                parts = [token_stats(head(hidden[c : c + head_chunk]), targets[c : c + head_chunk], min_k_pp)
+                         for c in range(0, len(targets), head_chunk)]
+                lp = torch.cat([p[0] for p in parts])
+                z = torch.cat([p[1] for p in parts]) if min_k_pp else None
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits[rows, pos]  # (N, V)
+                lp, z = token_stats(logits, targets, min_k_pp)
+                del logits
+            lp = lp.double().cpu().numpy()
+            z = z.double().cpu().numpy() if z is not None else None
+            offset = 0
+            for i in batch:
+                m = len(seqs[i]) - starts[i]
+                t = lp[offset : offset + m]
+                n_tokens[i], sum_nll[i] = m, -t.sum()
                 for k in ks:
                     mk[k][i] = _lowest_mean(t, k)
                     if min_k_pp:
-                        mkpp[k][i] = _lowest_mean(z[row, a:b], k)
+                        mkpp[k][i] = _lowest_mean(z[offset : offset + m], k)
+                offset += m
+            advance(len(batch))
     model.train(was_training)
     return SampleStats(n_tokens, sum_nll, mk, mkpp)
-
