@@ -4,8 +4,9 @@ architectures (the same FLOPs as the real weights; nothing is downloaded).
     python benchmarks/gpu.py [--arch smollm2-135m llama-2-7b] [--quick]
 
 Measures, per architecture, in bf16: scoring tokens/s (one sample at a time vs memlens's length-sorted batches),
-greedy extraction continuations/s (one generate per prefix vs batched), LoRA training tokens/s (batch 16 random
-vs memlens's loop at batch 64), each with model-FLOPs utilisation against the bf16 GEMM roof measured at the start.
+greedy extraction continuations/s (one generate per prefix vs batched), LoRA training tokens/s (the Hugging Face
+Trainer vs memlens's loop, both batch 16), each with model-FLOPs utilisation against the bf16 GEMM roof measured at
+the start (training counts 3 x forward FLOPs, the usual MFU convention).
 Prints one JSON line. Everything it needs is in the repository: run it from the repo root on the GPU machine.
 """
 
@@ -21,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 ARCHS = {
     # SmolLM2-135M: Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536, vocab 49,152, tied embeddings
@@ -122,21 +124,26 @@ def main() -> None:
         sync()
         ours = len(prompts) / (time.perf_counter() - t)
         res["extraction"] = {"baseline_cont_s": base, "memlens_cont_s": ours, "ratio": ours / base}
-        # LoRA training (q, k, v, o, r=8)
-        from peft import LoraConfig as PeftLora
-        from peft import get_peft_model
+        # LoRA training (q, k, v, o, r=8), batch 16: the Trainer (random batches) against memlens's loop (grouped)
+        from baseline import trainer_loop
 
-        pm = get_peft_model(model, PeftLora(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                 "o_proj"], lora_dropout=0.05))
+        from memlens.finetune import apply_lora
+        from memlens.models import LoadedModel
+
         train_seqs = seqs[:512]
-        for batch, label in ((16, "batch16"), (64, "batch64")):
-            tc = TrainConfig(max_steps=5 if args.quick else 20, batch_size=batch, lr=1e-4, warmup_steps=0, seed=0)
+        steps = 6 if args.quick else 20
+        for label, loop, batching in (("baseline", trainer_loop, "random"), ("memlens", train_loop, "grouped")):
+            pm, _ = apply_lora(LoadedModel(arch, model, None, 0), LoraConfig(targets=["q", "k", "v", "o"], rank=8),
+                               seed=0)
+            tc = TrainConfig(max_steps=steps, batch_size=16, lr=1e-4, warmup_steps=0, seed=0, batching=batching)
+            rows = loop(pm, train_seqs, tc, 0) if loop is trainer_loop else loop(pm, train_seqs, tc, 0, False)
             sync()
-            t = time.perf_counter()
-            rows = train_loop(pm, train_seqs, tc, pad_id=0, progress=False)
-            sync()
-            tok = sum(r["tokens"] for r in rows) / (time.perf_counter() - t)
+            timed_rows = rows[2:]  # the first two steps pay one-off costs
+            seconds = rows[-1]["elapsed_s"] - rows[1]["elapsed_s"]
+            tok = sum(r["tokens"] + r["sequences"] for r in timed_rows) / seconds
             res[f"training_{label}"] = {"tok_s": tok, "mfu": tok * 3 * fpt / (out["bf16_roof_tflops"] * 1e12)}
+            model = pm.unload()  # the base model without the adapter, for the next loop
+        res["training_ratio"] = res["training_memlens"]["tok_s"] / res["training_baseline"]["tok_s"]
         out[arch] = res
         del model, pm
         if device == "cuda":

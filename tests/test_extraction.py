@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from memlens.scoring import score
 from memlens.extraction import (Decoding, extract, generate, lcs_length, levenshtein, longest_common_run,
                                 matched_prefix, similarity, split_point, summarize)
 from memlens.models import build_tiny
@@ -54,7 +55,7 @@ def test_batched_greedy_generation_equals_one_generate_per_prompt():
         with torch.no_grad():
             ref = lm.model.generate(input_ids=torch.tensor([p]), max_new_tokens=m, do_sample=False,
                                     pad_token_id=pad)[0, len(p):].tolist()
-        assert got == [ref]
+        assert [c.tokens for c in got] == [ref]
 
 
 def test_extract_scores_continuations_only_and_summarizes():
@@ -69,7 +70,9 @@ def test_extract_scores_continuations_only_and_summarizes():
         assert r.prefix_len == len(s) // 2 and r.suffix_len == len(s) - len(s) // 2
         assert len(r.continuation) == r.suffix_len
         assert r.scores == similarity(r.continuation, s[r.prefix_len:])
-        assert r.gen_ppl > 1
+        # the perplexity taken from the generation's own logits equals an independent scoring of prompt + continuation
+        ref = score(lm.model, [s[: r.prefix_len] + r.continuation], starts=[r.prefix_len]).perplexity[0]
+        assert r.gen_ppl == pytest.approx(ref, rel=1e-4) and r.gen_ppl > 1
     summ = {(x["decoding"], x["measure"]): x for x in summarize(rows)}
     g = summ[("greedy", "ngram_share")]
     assert g["difference"] == pytest.approx(g["members"] - g["nonmembers"])

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from memlens.config import RunConfig, load_config
 from memlens.errors import MemlensError
-from memlens.finetune import finetune, lr_lambda, plan_steps
+from memlens.finetune import epoch_batches, finetune, lr_lambda, plan_steps
 
 TINY = ["model=tiny", "data.source=synthetic", "data.synthetic_size=300", "data.members.n=24",
         "data.nonmembers.n=24", "train.epochs=2", "train.batch_size=8", "train.warmup_steps=2", "lora.rank=4",
@@ -171,3 +171,52 @@ def test_cli_models_list(tmp_path):
     out = _memlens("models", "list", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "smollm2-135m" in out.stdout and "gemma3-270m" in out.stdout and "tiny" in out.stdout
+
+
+@pytest.mark.parametrize("batching", ["random", "grouped"])
+def test_epoch_batches_cover_every_sequence_once(batching):
+    import torch
+
+    lengths = [5 + (i * 37) % 90 for i in range(300)]
+    batches = epoch_batches(lengths, 16, batching, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    assert all(1 <= len(b) <= 16 for b in batches)
+    again = epoch_batches(lengths, 16, batching, torch.Generator().manual_seed(0))
+    assert again == batches  # same seed, same batches
+
+
+def test_grouped_batches_pad_less_and_still_vary_between_epochs():
+    import torch
+
+    lengths = [5 + (i * 37) % 90 for i in range(320)]
+
+    def padding(batches):
+        return 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    gen = torch.Generator().manual_seed(0)
+    grouped = [epoch_batches(lengths, 16, "grouped", gen) for _ in range(2)]
+    rand = epoch_batches(lengths, 16, "random", torch.Generator().manual_seed(0))
+    assert padding(grouped[0]) < 0.15 < 0.3 < padding(rand)
+    assert {tuple(sorted(b)) for b in grouped[0]} != {tuple(sorted(b)) for b in grouped[1]}
+
+
+def test_precision_auto_follows_the_hardware_and_training_autocasts(monkeypatch):
+    import torch
+
+    from memlens import models as M
+    from memlens.finetune import autocast
+
+    monkeypatch.setattr(M, "fast_bf16", lambda device: True)
+    assert M.resolve_precision("auto", "cpu") == "bfloat16"
+    assert M.resolve_precision("float32", "cpu") == "float32"
+    lm = M.build_tiny()
+    with autocast(lm.model, "auto"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(lm.model, "float32"):
+        assert not torch.is_autocast_enabled("cpu")
+    copy = M.at_precision(lm.model, "bfloat16")
+    assert copy is not lm.model and M.weights_dtype(copy) == torch.bfloat16
+    assert M.weights_dtype(lm.model) == torch.float32  # the original keeps its float32 weights
+    assert M.at_precision(lm.model, "float32") is lm.model and M.at_precision(copy, "float32") is copy
+    monkeypatch.setattr(M, "fast_bf16", lambda device: False)
+    assert M.resolve_precision("auto", "cpu") == "float32"

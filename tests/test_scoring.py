@@ -93,3 +93,16 @@ def test_batch_size_and_order_do_not_change_results():
 
 def test_zlib_length():
     assert zlib_length("aaaa" * 50) == len(zlib.compress(("aaaa" * 50).encode(), 9)) < 20
+
+
+def test_length_sorted_batches_keep_padding_under_ten_percent():
+    from memlens.scoring import length_sorted_batches
+
+    lengths = [3 + (i * 53) % 120 for i in range(500)] + [400]
+    batches = list(length_sorted_batches(lengths, 64))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) <= 64 and lengths[b[0]] == longest
+        assert 1 - sum(lengths[i] for i in b) / (len(b) * longest) < 0.1
+    assert [400] == [lengths[i] for i in batches[0]]  # the longest first, alone

@@ -186,7 +186,7 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
             Decoding(tmp, ex.top_p, ex.samples) for tmp in ex.temperatures]
         rows = extract(model_ft, [seqs[i] for i in chosen], [bool(y[i]) for i in chosen], decodings,
                        pad_id=pad_id, eos_id=lm.tokenizer.eos_token_id, rule=ex.prefix, fraction=ex.prefix_fraction,
-                       length=ex.prefix_length, batch_size=ex.batch_size, seed=ex.seed, score_batch_size=cfg.batch_size,
+                       length=ex.prefix_length, batch_size=ex.batch_size, seed=ex.seed,
                        progress=progress)
         for r in rows:
             rec = records[chosen[r.index]]

@@ -135,7 +135,7 @@ class ExtractionConfig(_Strict):
                                       "[0.1, 0.5, 1.0] (the paper's)")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus mass for sampling (Llama-2's default, as in the paper)")
     samples: int = Field(1, ge=1, description="continuations per prompt and temperature")
-    batch_size: int = Field(128, ge=1, description="prompts generated together")
+    batch_size: int = Field(32, ge=1, description="prompts generated together (grouped by length)")
     seed: int = Field(0)
 
     @field_validator("temperatures")

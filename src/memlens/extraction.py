@@ -115,17 +115,28 @@ class Decoding:
         return "greedy" if self.temperature is None else f"T={self.temperature:g}"
 
 
+@dataclass
+class Continuation:
+    tokens: list[int]
+    logprobs: list[float]  # log p of each token under the model, from the logits it was generated from
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-sum(self.logprobs) / len(self.logprobs)) if self.logprobs else float("nan")
+
+
 def generate(model: Any, prompts: list[list[int]], max_new: list[int], decoding: Decoding, *, pad_id: int,
              eos_id: int | None, batch_size: int = 32, seed: int = 0,
-             progress: str | None = None) -> list[list[list[int]]]:
-    """For each prompt, ``decoding.samples`` continuations of at most max_new[i] tokens (cut at the first EOS).
+             progress: str | None = None) -> list[list[Continuation]]:
+    """For each prompt, ``decoding.samples`` continuations of at most max_new[i] tokens (cut at the first EOS), with
+    the log-probability of each token under ``model`` (before temperature or nucleus filtering).
 
     Prompts are grouped by length, left-padded, and generated with the KV cache. Sampling is seeded per batch.
     """
     from memlens.progress import progress_bar
 
     device = next(model.parameters()).device
-    out: list[list[list[int]]] = [[] for _ in prompts]
+    out: list[list[Continuation]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), max_new[i]))
     was_training = model.training
     model.eval()
@@ -139,7 +150,7 @@ def generate(model: Any, prompts: list[list[int]], max_new: list[int], decoding:
 
 
 def _generate_batch(model: Any, prompts: list[list[int]], max_new: list[int], decoding: Decoding, batch: list[int],
-                    out: list[list[list[int]]], *, pad_id: int, eos_id: int | None, seed: int, device: Any) -> None:
+                    out: list[list[Continuation]], *, pad_id: int, eos_id: int | None, seed: int, device: Any) -> None:
     import torch
 
     width = max(len(prompts[i]) for i in batch)
@@ -149,7 +160,8 @@ def _generate_batch(model: Any, prompts: list[list[int]], max_new: list[int], de
         ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
         mask[r, width - len(prompts[i]) :] = 1
     kwargs: dict[str, Any] = dict(max_new_tokens=max(max_new[i] for i in batch), min_new_tokens=0,
-                                  pad_token_id=pad_id, num_return_sequences=decoding.samples, use_cache=True)
+                                  pad_token_id=pad_id, num_return_sequences=decoding.samples, use_cache=True,
+                                  output_logits=True, return_dict_in_generate=True)
     if eos_id is not None:
         kwargs["eos_token_id"] = eos_id
     if decoding.temperature is None:
@@ -158,14 +170,19 @@ def _generate_batch(model: Any, prompts: list[list[int]], max_new: list[int], de
         kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=None)
     torch.manual_seed(seed)
     with torch.inference_mode():
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-    new = gen[:, width:].cpu().tolist()
+        res = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        new = res.sequences[:, width:]
+        # log p of each generated token from the raw logits of its step (float32 log-softmax, one step at a time)
+        lp = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                          for t, step in enumerate(res.logits)], dim=1)
+    new, lp = new.cpu().tolist(), lp.double().cpu().tolist()
     for r, i in enumerate(batch):
         for s in range(decoding.samples):
-            toks = new[r * decoding.samples + s][: max_new[i]]
+            row = r * decoding.samples + s
+            toks = new[row][: max_new[i]]
             if eos_id is not None and eos_id in toks:
                 toks = toks[: toks.index(eos_id)]
-            out[i].append(toks)
+            out[i].append(Continuation(toks, lp[row][: len(toks)]))
 
 
 @dataclass
@@ -178,16 +195,13 @@ class ExtractionRow:
     suffix_len: int
     continuation: list[int]
     scores: dict[str, float]
-    gen_ppl: float = float("nan")
+    gen_ppl: float = float("nan")  # perplexity of the continuation under the model (nan when empty)
 
 
 def extract(model: Any, seqs: list[list[int]], members: list[bool], decodings: list[Decoding], *, pad_id: int,
             eos_id: int | None, rule: str = "midpoint", fraction: float = 0.5, length: int = 16,
-            batch_size: int = 32, seed: int = 0, score_batch_size: int = 32,
-            progress: bool = False) -> list[ExtractionRow]:
+            batch_size: int = 32, seed: int = 0, progress: bool = False) -> list[ExtractionRow]:
     """Run every decoding on every sequence and score each continuation (and its perplexity under ``model``)."""
-    from memlens.scoring import score
-
     cut = [split_point(len(s), rule, fraction, length) for s in seqs]
     prompts = [s[:k] for s, k in zip(seqs, cut)]
     suffixes = [s[k:] for s, k in zip(seqs, cut)]
@@ -197,14 +211,8 @@ def extract(model: Any, seqs: list[list[int]], members: list[bool], decodings: l
                          batch_size=batch_size, seed=seed, progress=f"extract {d.label}" if progress else None)
         for i, samples in enumerate(conts):
             for j, c in enumerate(samples):
-                rows.append(ExtractionRow(i, members[i], d.label, j, len(prompts[i]), len(suffixes[i]), c,
-                                          similarity(c, suffixes[i])))
-    scorable = [r for r in rows if r.continuation]
-    if scorable:
-        full = [prompts[r.index] + r.continuation for r in scorable]
-        stats = score(model, full, batch_size=score_batch_size, pad_id=pad_id, starts=[r.prefix_len for r in scorable])
-        for r, ppl in zip(scorable, stats.perplexity):
-            r.gen_ppl = float(ppl)
+                rows.append(ExtractionRow(i, members[i], d.label, j, len(prompts[i]), len(suffixes[i]), c.tokens,
+                                          similarity(c.tokens, suffixes[i]), c.perplexity))
     return rows
 
 

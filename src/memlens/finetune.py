@@ -186,7 +186,8 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
                 step += 1
                 elapsed = time.perf_counter() - t0
                 rows.append({"step": step, "epoch": epoch + (g + len(group)) / len(batches), "loss": loss_sum / n_tokens,
-                             "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "elapsed_s": round(elapsed, 4)})
+                             "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                             "sequences": sum(len(b) for b in group), "elapsed_s": round(elapsed, 4)})
                 tps = sum(r["tokens"] for r in rows) / max(elapsed, 1e-9)
                 bar.update(task, advance=1, loss=f"{loss_sum / n_tokens:.4f}", tps=f"{tps:,.0f}")
             epoch += 1

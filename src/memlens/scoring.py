@@ -39,11 +39,19 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0):
     return ids, mask, labels
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices in batches of similar length (longest first, so memory peaks early), each of at most batch_size."""
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, min_fill: float = 0.9) -> Iterator[list[int]]:
+    """Indices in batches of similar length, longest first (memory peaks early): a batch ends at ``batch_size``
+    sequences or before a sequence shorter than ``min_fill`` times its longest, so padding stays under
+    1 - min_fill (10%) of the tokens of every batch."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for i in range(0, len(order), batch_size):
-        yield order[i : i + batch_size]
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) >= batch_size or lengths[i] < min_fill * lengths[batch[0]]):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def zlib_length(text: str) -> int:

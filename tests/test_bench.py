@@ -1,0 +1,55 @@
+"""The benchmark's baseline pieces compute what memlens computes, and the benchmark runs end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memlens.models import build_tiny
+from memlens.scoring import score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from baseline import per_sample_stats  # noqa: E402
+
+TEXTS = ["A 45-year-old woman developed acute hepatitis after amiodarone 200 mg daily.",
+         "Carbamazepine-induced rash in a child.", "x y", "OBJECTIVE: To report 2 cases of serotonin syndrome."]
+
+
+def test_baseline_statistics_equal_memlens_statistics():
+    lm = build_tiny()
+    seqs = lm.encode(TEXTS)
+    ks = (0.1, 0.2, 0.5)
+    ours = score(lm.model, seqs, batch_size=3, pad_id=lm.pad_id, ks=ks, min_k_pp=True, starts=[1, 3, 1, 2])
+    base = per_sample_stats(lm.model, seqs, ks=ks, min_k_pp=True, starts=[1, 3, 1, 2])
+    assert np.array_equal(ours.n_tokens, base.n_tokens)
+    assert np.allclose(ours.sum_nll, base.sum_nll, atol=1e-4)
+    for k in ks:
+        assert np.allclose(ours.min_k[k], base.min_k[k], atol=1e-5)
+        assert np.allclose(ours.min_k_pp[k], base.min_k_pp[k], atol=1e-4)
+
+
+def test_bench_quick_runs_end_to_end_on_the_tiny_model(tmp_path, phee_dir):
+    out = tmp_path / "performance.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--model", "tiny",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "MEMLENS_PHEE_DIR": str(phee_dir)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # one JSON line, nothing else on stdout
+    res = json.loads(lines[0])
+    assert set(res["goals"]) == {"scoring_10x", "scoring_60pct_roof", "extraction_10x", "training_2x", "study_3x"}
+    sc = res["scoring"]
+    assert sc["max_abs_nll_diff_fp32"] < 1e-4  # memlens in float32 reproduces the baseline's own loss
+    assert sc["padding_share"] < 0.1
+    assert sc["ratio"] == pytest.approx(sc["memlens_tok_s"] / sc["baseline_tok_s"])
+    assert res["study"]["runs"] == 1 and res["study"]["of"] == 15
+    pc = res["precision_check"]
+    for a, row in pc["attacks"].items():
+        assert row["within"] == (row["lo"] <= row[pc["precision"]] <= row["hi"]), a
+    text = out.read_text()
+    assert "(a) scoring" in text and "(d) paper-table-3.1 quick" in text and f"{sc['ratio']:.1f}x" in text
