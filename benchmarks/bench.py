@@ -379,7 +379,9 @@ def write_markdown(res: dict, path: Path) -> None:
         f"Where (a)'s time goes in memlens ({p}, torch.profiler, self time by operator): "
         + "; ".join(f"{g} {100 * v:.0f}%" for g, v in sc["profile"]["shares"].items())
         + f". The matrix products alone run at {sc['profile']['matmul_gflops']:.0f} GFLOP/s "
-        f"({100 * sc['profile']['matmul_gflops'] / roof[p]:.0f}% of the {p} roof).", "",
+        f"({100 * sc['profile']['matmul_gflops'] / roof[p]:.0f}% of the {p} roof). For scale: 10x the baseline "
+        f"would be {10 * sc['baseline_tok_s']:.0f} tokens/s = {10 * sc['baseline_tok_s'] * res['gflop_per_token']:.0f} "
+        f"GFLOP/s, {100 * 10 * sc['baseline_tok_s'] * res['gflop_per_token'] / roof[p]:.0f}% of the {p} roof.", "",
         f"(e) {p} against float32, every attack's AUC on the adapter of (c) ({pc['members']} members vs "
         f"{pc['nonmembers']} held-out): " + ("all within" if pc["all_within"] else "NOT all within")
         + " the float32 value's 95% Hanley-McNeil interval.", "",
