@@ -30,7 +30,7 @@ from memlens.config import AuditConfig, RunConfig, dump_yaml
 from memlens.data.records import Record
 from memlens.errors import MemlensError
 from memlens.extraction import Decoding, extract, summarize
-from memlens.models import LoadedModel, at_precision, resolve_precision, weights_dtype
+from memlens.models import LoadedModel, at_precision, effective_precision, resolve_precision
 from memlens.paths import cache_dir
 from memlens.provenance import json_hash
 from memlens.scoring import SampleStats, score, zlib_length
@@ -52,11 +52,8 @@ def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditC
     A study scores the same records under the same base model run after run: each record is scored once.
     """
     device = next(model.parameters()).device
-    precision = resolve_precision(cfg.precision, device)
-    dtype = str(weights_dtype(model)).removeprefix("torch.")
-    if dtype == "float32":
-        dtype = precision
-    key = json_hash({"model": lm.info.get("identity", lm.info["source"]), "dtype": dtype, "device": device.type,
+    precision = effective_precision(model, resolve_precision(cfg.precision, device))
+    key = json_hash({"model": lm.info.get("identity", lm.info["source"]), "dtype": precision, "device": device.type,
                      "ks": sorted(cfg.ks), "min_k_pp": True})
     path = cache_dir() / "stats" / f"{key[:32]}.npz"
     hashes = [_ids_hash(s) for s in seqs]
@@ -67,8 +64,8 @@ def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditC
     have = {h: i for i, h in enumerate(cached.get("hashes", np.array([], dtype="U32")).tolist())}
     missing = [i for i, h in enumerate(hashes) if h not in have]
     if missing:
-        new = score(at_precision(model, precision), [seqs[i] for i in missing], batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks,
-                    min_k_pp=True, progress="score base" if progress else None).to_arrays()
+        new = score(at_precision(model, precision), [seqs[i] for i in missing], batch_size=cfg.batch_size,
+                    pad_id=pad_id, ks=cfg.ks, min_k_pp=True, progress="score base" if progress else None).to_arrays()
         merged = {"hashes": np.concatenate([cached.get("hashes", np.array([], dtype="U32")),
                                             np.array([hashes[i] for i in missing], dtype="U32")])}
         for k, v in new.items():

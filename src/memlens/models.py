@@ -14,6 +14,7 @@ Weights are loaded only from safetensors (never pickle), and a model's own code 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -101,9 +102,8 @@ def module_shape(model: Any, name: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------------- precision
 
 
-def fast_bf16(device: Any) -> bool:
-    """Whether bfloat16 matrix products are native on ``device``: a CUDA GPU with bf16, or a CPU with AVX512-BF16
-    or AMX (read from /proc/cpuinfo; elsewhere, such as macOS, float32 is kept)."""
+@functools.lru_cache(maxsize=None)
+def _fast_bf16(device: str) -> bool:
     import torch
 
     device = torch.device(device)
@@ -118,6 +118,12 @@ def fast_bf16(device: Any) -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+def fast_bf16(device: Any) -> bool:
+    """Whether bfloat16 matrix products are native on ``device``: a CUDA GPU with bf16, or a CPU with AVX512-BF16
+    or AMX (read from /proc/cpuinfo once; elsewhere, such as macOS, float32 is kept)."""
+    return _fast_bf16(str(device))
+
+
 def resolve_precision(precision: str, device: Any) -> str:
     """``auto`` -> ``bfloat16`` where :func:`fast_bf16`, else ``float32``; an explicit choice is kept."""
     if precision == "auto":
@@ -129,18 +135,23 @@ def weights_dtype(model: Any) -> Any:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def effective_precision(model: Any, precision: str) -> str:
+    """The precision ``model`` runs at when ``precision`` is asked: weights already in half precision stay so."""
+    current = str(weights_dtype(model)).removeprefix("torch.")
+    return current if current in ("float16", "bfloat16") else precision
+
+
 def at_precision(model: Any, precision: str) -> Any:
-    """``model`` itself when its weights are float32 and float32 is asked, or when they are already in half
-    precision; otherwise a copy in ``precision`` (the original keeps its float32 weights for training)."""
+    """``model`` itself when it already runs at :func:`effective_precision`; otherwise a copy in ``precision``
+    (the original keeps its float32 weights, for training)."""
     import copy
 
     import torch
 
-    dtype = getattr(torch, precision)
-    current = weights_dtype(model)
-    if current == dtype or current in (torch.float16, torch.bfloat16):
+    target = effective_precision(model, precision)
+    if str(weights_dtype(model)).removeprefix("torch.") == target:
         return model
-    return copy.deepcopy(model).to(dtype)
+    return copy.deepcopy(model).to(getattr(torch, target))
 
 
 @dataclass
