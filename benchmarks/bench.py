@@ -98,7 +98,8 @@ def bench_scoring(lm, seqs, precision: str, roof: dict, fpt: float) -> dict:
     from memlens.scoring import length_sorted_batches, score
 
     n_base = max(8, len(seqs) // 4)  # the baseline is slow: time a subset, report tokens/s
-    base_seqs = seqs[:: len(seqs) // n_base][:n_base]  # every k-th: the same length mix as the whole
+    pos = list(range(0, len(seqs), len(seqs) // n_base))[:n_base]  # every k-th: the same length mix as the whole
+    base_seqs = [seqs[i] for i in pos]
 
     def baseline():
         out = []
@@ -118,7 +119,6 @@ def bench_scoring(lm, seqs, precision: str, roof: dict, fpt: float) -> dict:
                                     min_k_pp=True))
     tokens = sum(len(s) - 1 for s in seqs)
     base_tok_s = sum(len(s) - 1 for s in base_seqs) / t_base
-    pos = [seqs.index(s) for s in base_seqs]
     padded = sum(len(b) * max(len(seqs[i]) for i in b) for b in length_sorted_batches([len(s) for s in seqs], 64))
     out = {"baseline_tok_s": base_tok_s, "memlens_tok_s": tokens / t_ours, "ratio": tokens / t_ours / base_tok_s,
            "precision": precision, "memlens_fp32_tok_s": tokens / t32, "fp32_ratio": tokens / t32 / base_tok_s,
