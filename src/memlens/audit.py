@@ -30,6 +30,7 @@ from memlens.config import AuditConfig, RunConfig, dump_yaml
 from memlens.data.records import Record
 from memlens.errors import MemlensError
 from memlens.extraction import Decoding, extract, summarize
+from memlens.membership import attack_rows
 from memlens.models import LoadedModel, at_precision, effective_precision, resolve_precision
 from memlens.paths import cache_dir
 from memlens.provenance import json_hash
@@ -45,40 +46,65 @@ def _ids_hash(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:32]
 
 
+class StatsCache:
+    """Per-record statistics of one scorer (a model at a precision, with settings), kept in one ``.npz`` file under
+    the cache and keyed by each record's token ids: a record is scored once, whichever run or study asks again."""
+
+    def __init__(self, key: dict[str, Any]):
+        self.path = cache_dir() / "stats" / f"{json_hash(key)[:32]}.npz"
+        self.arrays: dict[str, np.ndarray] = {}
+        if self.path.is_file():
+            with np.load(self.path, allow_pickle=False) as z:
+                self.arrays = {k: z[k] for k in z.files}
+        self._index = {h: i for i, h in enumerate(self.arrays.get("hashes", np.array([], dtype="U32")).tolist())}
+
+    def missing(self, seqs: list[list[int]]) -> list[int]:
+        return [i for i, s in enumerate(seqs) if _ids_hash(s) not in self._index]
+
+    def add(self, seqs: list[list[int]], stats: SampleStats) -> None:
+        new = stats.to_arrays()
+        merged = {"hashes": np.concatenate([self.arrays.get("hashes", np.array([], dtype="U32")),
+                                            np.array([_ids_hash(s) for s in seqs], dtype="U32")])}
+        for k, v in new.items():
+            merged[k] = np.concatenate([self.arrays[k], v]) if k in self.arrays else v
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, **merged)
+        os.replace(tmp, self.path)
+        self.arrays = merged
+        self._index = {h: i for i, h in enumerate(merged["hashes"].tolist())}
+
+    def get(self, seqs: list[list[int]]) -> SampleStats:
+        idx = np.array([self._index[_ids_hash(s)] for s in seqs], dtype=np.int64)
+        return SampleStats.from_arrays({k: v[idx] for k, v in self.arrays.items() if k != "hashes"})
+
+
+def stats_key(identity: str, model: Any, cfg: AuditConfig, min_k_pp: bool = True) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    precision = effective_precision(model, resolve_precision(cfg.precision, device))
+    return {"model": identity, "dtype": precision, "device": device.type, "ks": sorted(cfg.ks), "min_k_pp": min_k_pp}
+
+
 def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditConfig, pad_id: int,
-                 progress: bool = False) -> SampleStats:
-    """Statistics of ``seqs`` under the *base* model, cached per record (keyed by model, settings and token ids).
+                 progress: bool = False, *, identity: str | None = None, min_k_pp: bool = True,
+                 label: str = "score base") -> SampleStats:
+    """Statistics of ``seqs`` under a model that does not depend on the run (the *base* model by default, or a
+    reference adapter named by ``identity``), cached per record (keyed by model, settings and token ids).
 
     A study scores the same records under the same base model run after run: each record is scored once.
     """
-    device = next(model.parameters()).device
-    precision = effective_precision(model, resolve_precision(cfg.precision, device))
-    key = json_hash({"model": lm.info.get("identity", lm.info["source"]), "dtype": precision, "device": device.type,
-                     "ks": sorted(cfg.ks), "min_k_pp": True})
-    path = cache_dir() / "stats" / f"{key[:32]}.npz"
-    hashes = [_ids_hash(s) for s in seqs]
-    cached: dict[str, np.ndarray] = {}
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            cached = {k: z[k] for k in z.files}
-    have = {h: i for i, h in enumerate(cached.get("hashes", np.array([], dtype="U32")).tolist())}
-    missing = [i for i, h in enumerate(hashes) if h not in have]
+    identity = identity or lm.info.get("identity", lm.info["source"])
+    cache = StatsCache(stats_key(identity, model, cfg, min_k_pp))
+    missing = cache.missing(seqs)
     if missing:
-        new = score(at_precision(model, precision), [seqs[i] for i in missing], batch_size=cfg.batch_size,
-                    pad_id=pad_id, ks=cfg.ks, min_k_pp=True, progress="score base" if progress else None).to_arrays()
-        merged = {"hashes": np.concatenate([cached.get("hashes", np.array([], dtype="U32")),
-                                            np.array([hashes[i] for i in missing], dtype="U32")])}
-        for k, v in new.items():
-            merged[k] = np.concatenate([cached[k], v]) if k in cached else v
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, **merged)
-        os.replace(tmp, path)
-        cached = merged
-        have = {h: i for i, h in enumerate(cached["hashes"].tolist())}
-    idx = np.array([have[h] for h in hashes], dtype=np.int64)
-    return SampleStats.from_arrays({k: v[idx] for k, v in cached.items() if k != "hashes"})
+        device = next(model.parameters()).device
+        precision = effective_precision(model, resolve_precision(cfg.precision, device))
+        part = [seqs[i] for i in missing]
+        new = score(at_precision(model, precision), part, batch_size=cfg.batch_size, pad_id=pad_id, ks=cfg.ks,
+                    min_k_pp=min_k_pp, progress=label if progress else None)
+        cache.add(part, new)
+    return cache.get(seqs)
 
 
 # ------------------------------------------------------------------------------------------------------- the audit
@@ -102,20 +128,21 @@ def _ppl(stats: SampleStats) -> float:
 
 def audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Record], member: np.ndarray,
           seqs: list[list[int]], canaries: dict[str, int], cfg: AuditConfig, pad_id: int,
-          progress: bool = False) -> AuditOutput:
+          progress: bool = False, refs: Any = None) -> AuditOutput:
     """Attack, extract and measure, given the base statistics of ``records`` (in the same order).
 
-    ``member`` holds 1 for members and 0 for non-members; ``canaries`` maps a canary id to its copies.
+    ``member`` holds 1 for members and 0 for non-members; ``canaries`` maps a canary id to its copies; ``refs``
+    (a :class:`memlens.references.ReferenceAudit`) adds the attacks that use reference adapters.
     """
     with warnings.catch_warnings():
         # degenerate inputs (a constant score, too few points) give nan correlations: stored as such, not warned
         warnings.simplefilter("ignore", M.MemlensUndefinedMetricWarning)
-        return _audit(lm, model_ft, base, records, member, seqs, canaries, cfg, pad_id, progress)
+        return _audit(lm, model_ft, base, records, member, seqs, canaries, cfg, pad_id, progress, refs)
 
 
 def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Record], member: np.ndarray,
            seqs: list[list[int]], canaries: dict[str, int], cfg: AuditConfig, pad_id: int,
-           progress: bool) -> AuditOutput:
+           progress: bool, refs: Any) -> AuditOutput:
     out = AuditOutput()
     t = time.perf_counter()
     model_ft = at_precision(model_ft, resolve_precision(cfg.precision, next(model_ft.parameters()).device))
@@ -139,19 +166,12 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
     for name, arr in per_sample.items():
         out.values.extend((r.id, name, float(v)) for r, v in zip(records, arr))
 
-    headline = {}
-    for a, s in scores.items():
-        value = M.auc(y, s)
-        lo, hi = M.hanley_mcneil_ci(value, int(y.sum()), int((1 - y).sum()))
-        boot = M.bootstrap_auc_ci(y, s, n_boot=cfg.bootstrap) if cfg.bootstrap else (None, None)
-        out.metrics.append(("auc", a, value, lo, hi, {"interval": "hanley-mcneil 95%", "bootstrap_95": boot}))
-        row = {"auc": value, "auc_lo": lo, "auc_hi": hi, "bootstrap": boot}
-        for x in cfg.fpr:
-            tp = M.tpr_at_fpr(y, s, x)
-            out.metrics.append((f"tpr@{x:g}", a, tp.tpr, None, None, tp.as_dict()))
-            row[f"tpr@{x:g}"] = tp.tpr
-            row[f"tpr@{x:g}_below_resolution"] = tp.below_resolution
-        headline[a] = row
+    rows, headline = attack_rows(y, scores, cfg.fpr, cfg.bootstrap)
+    out.metrics.extend(rows)
+    references = None
+    if refs is not None:
+        references = refs.attach(out, records, y, scores, ft, model_ft, cfg, pad_id, progress)
+        headline.update(references.pop("headline"))
     mem, non = base.subset(y == 1), base.subset(y == 0)
     ftm, ftn = ft.subset(y == 1), ft.subset(y == 0)
     ppl = {"members_base": _ppl(mem), "members_ft": _ppl(ftm), "nonmembers_base": _ppl(non),
@@ -206,6 +226,8 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
         out.timings["extraction_s"] = time.perf_counter() - t
     out.summary = {"attacks": headline, "perplexity": ppl, "extraction": extraction,
                    "n_members": int(y.sum()), "n_nonmembers": int((1 - y).sum())}
+    if references is not None:
+        out.summary["references"] = references
     return out
 
 
@@ -247,10 +269,17 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     t = time.perf_counter()
     base = cached_score(prep.lm, prep.lm.model, seqs, cfg.audit, prep.pad_id, progress)  # before the adapter
     timings["score_base_s"] = time.perf_counter() - t
+    refs = None
+    if cfg.audit.references is not None:  # before the run's own adapter is attached to the base model
+        from memlens.finetune import plan_steps
+        from memlens.references import prepare_references
+
+        refs = prepare_references(prep.lm, cfg, prep.corpus, prep.split, records, seqs, len(prep.train_ids),
+                                  plan_steps(len(prep.train_ids), cfg.train)[1], progress)
     tr = train(cfg, prep, progress)
     timings["train_s"] = tr.seconds
     out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id,
-                progress)
+                progress, refs)
     timings.update(out.timings)
     timings["total_s"] = time.perf_counter() - t0
     summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,
@@ -309,6 +338,9 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
     from memlens.provenance import versions
 
     adapter_dir = Path(adapter) if adapter else None
+    if cfg.references is not None:
+        raise MemlensError("references: reference adapters are trained with the audited run's own fine-tuning "
+                           "settings, which memlens audit does not know; use memlens run")
     if adapter_dir is not None:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise MemlensError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")

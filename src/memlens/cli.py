@@ -90,20 +90,48 @@ def _fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _tpr_cell(row: dict, x: float) -> str:
+    ci = row.get(f"tpr@{x:g}_ci") or (None, None)
+    flag = " *" if row.get(f"tpr@{x:g}_below_resolution") else ""
+    interval = f" ({_fmt(ci[0])}-{_fmt(ci[1])})" if ci[0] is not None else ""
+    return _fmt(row.get(f"tpr@{x:g}")) + interval + flag
+
+
 def print_audit_summary(summary: dict, title: str) -> None:
-    """The end-of-run table: AUC with interval and TPR@1%FPR per attack, extraction, perplexities."""
+    """The end-of-run table: AUC with intervals and TPR at 1% and 0.1% FPR per attack, the reference attacks'
+    paired differences, the blind baseline, extraction, perplexities."""
     t = Table(title=title)
-    for col in ("attack", "AUC", "95% CI (Hanley-McNeil)", "bootstrap 95%", "TPR@1%FPR", "TPR@0.1%FPR"):
+    for col in ("attack", "AUC", "95% CI (Hanley-McNeil)", "bootstrap 95%", "TPR@1%FPR (95%)", "TPR@0.1%FPR (95%)"):
         t.add_column(col, justify="right" if col != "attack" else "left")
     for a, row in summary["attacks"].items():
         boot = row.get("bootstrap") or (None, None)
-        flag = " *" if row.get("tpr@0.001_below_resolution") else ""
         t.add_row(a, _fmt(row["auc"]), f"{_fmt(row['auc_lo'])} - {_fmt(row['auc_hi'])}",
-                  f"{_fmt(boot[0])} - {_fmt(boot[1])}", _fmt(row.get("tpr@0.01")),
-                  _fmt(row.get("tpr@0.001")) + flag)
+                  f"{_fmt(boot[0])} - {_fmt(boot[1])}", _tpr_cell(row, 0.01), _tpr_cell(row, 0.001))
     console.print(t)
-    if any(r.get("tpr@0.001_below_resolution") for r in summary["attacks"].values()):
-        console.print(f"* below the FPR resolution 1/{summary['n_nonmembers']}: fewer than 1000 non-members")
+    flagged = [x for x in (0.01, 0.001) if any(r.get(f"tpr@{x:g}_below_resolution")
+                                                for r in summary["attacks"].values())]
+    if flagged:
+        console.print(f"* below the FPR resolution 1/{summary['n_nonmembers']}: "
+                      f"{' and '.join(f'{x:.1%}' for x in flagged)} FPR need more than {summary['n_nonmembers']} "
+                      "non-members to mean anything")
+    ref = summary.get("references")
+    if ref:
+        p = Table(title=f"reference attacks - ref_ratio, same records (paired bootstrap 95%); {ref['count']} "
+                  f"{ref['mode']} references")
+        for col in ("attack", "AUC difference", "TPR@1%FPR difference", "TPR@1%FPR ratio"):
+            p.add_column(col, justify="right" if col != "attack" else "left")
+        for a, d in ref["paired"].items():
+            auc_d, tpr_d = d["auc"], d["tpr@0.01"]
+            p.add_row(a, f"{auc_d['diff']:+.3f} ({auc_d['lo']:+.3f}, {auc_d['hi']:+.3f})",
+                      f"{tpr_d['diff']:+.3f} ({tpr_d['lo']:+.3f}, {tpr_d['hi']:+.3f})", _fmt(d["tpr_ratio"], 2))
+        console.print(p)
+        trained = sum(c["trained_now"] for c in ref["cost"])
+        console.print(f"references: {ref['count']} ({trained} trained now, {ref['count'] - trained} from the cache), "
+                      f"training {ref['train_s']:.1f} s, scoring {ref['score_s']:.1f} s; RMIA gamma "
+                      f"{ref['rmia_gamma']:g}, a {_fmt(ref['rmia_a'], 2)}" +
+                      (" (tuned)" if ref.get("rmia_a_tuned") is not None else ""))
+        for note in ref.get("notes", []):
+            console.print(f"note: {note}", soft_wrap=True)
     if summary.get("extraction"):
         e = Table(title="extraction (continuation vs true suffix; members - non-members is memorization)")
         for col in ("decoding", "measure", "members", "non-members", "difference"):

@@ -146,6 +146,36 @@ class ExtractionConfig(_Strict):
         return v
 
 
+class ReferencesConfig(_Strict):
+    """Reference adapters: LoRA adapters trained with the audited run's own settings on data the audit controls."""
+
+    count: int = Field(4, ge=1, description="number of reference adapters K")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: references train on population draws only (every audited record is OUT); "
+        "online: each audited record is IN for exactly half of the references (K even)")
+    population: SplitSpec = Field(
+        default_factory=lambda: SplitSpec(split=None, n=None),
+        description="same-domain records disjoint from every audited record; split None = dev where the source has "
+        "it, else the records of the members' split that the run neither trains on nor audits")
+    holdout: int = Field(200, ge=2, description="population records no reference trains on: RMIA's z records "
+                         "(and non-members when its parameter a is tuned)")
+    tune_records: int = Field(300, ge=0, description="population training records scored under every reference "
+                              "to tune RMIA's a (offline)")
+    seed: int = Field(0, description="seed of the draws and of each reference's training (reference j uses seed+j)")
+    lira_variance: Literal["global", "per_record"] = Field(
+        "global", description="LiRA's Gaussians: one pooled variance (the paper's choice for few references) or one "
+        "per record (needs at least 2 references per group)")
+    rmia_gamma: float = Field(1.0, gt=0, description="RMIA's threshold on the pairwise likelihood ratio")
+    rmia_a: float | None = Field(None, ge=0, le=1, description="RMIA's offline parameter a; None = tuned on the "
+                                 "references (each in turn as the target), 1.0 where it cannot be")
+
+    @model_validator(mode="after")
+    def _online_even(self) -> ReferencesConfig:
+        if self.mode == "online" and (self.count < 2 or self.count % 2):
+            raise ValueError(f"references.count: online references need an even count >= 2 (got {self.count})")
+        return self
+
+
 class AuditConfig(_Strict):
     attacks: list[Literal["loss", "ref_ratio", "ref_diff", "zlib", "min_k", "min_k_pp", "min_k_ref",
                           "min_k_pp_ref"]] = Field(
@@ -161,6 +191,8 @@ class AuditConfig(_Strict):
                                  "has fast bf16, else float32 (log-softmax always in float32)")
     extraction: ExtractionConfig | None = Field(default_factory=ExtractionConfig, description="None = skip")
     include_text: bool = Field(False, description="store raw texts and generations (sensitive) in the store")
+    references: ReferencesConfig | None = Field(None, description="reference adapters and the attacks that use "
+                                                "them (ref_lora, LiRA, RMIA); None = off")
 
     @model_validator(mode="after")
     def _min_k_in_ks(self) -> AuditConfig:
@@ -187,6 +219,8 @@ class RunConfig(_Strict):
     def _cross_checks(self) -> RunConfig:
         if self.train.dtype == "float16" and self.train.method == "full":
             raise ValueError("train.dtype=float16 with train.method=full has no loss scaling; use bfloat16 or float32")
+        if self.audit.references is not None and self.train.method != "lora":
+            raise ValueError("audit.references: reference adapters need train.method=lora")
         return self
 
     def config_hash(self) -> str:
@@ -194,6 +228,8 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for k in ("name", "output_dir", "store"):
             d.pop(k)
+        if d["audit"].get("references") is None:  # settings added later leave earlier run ids unchanged when off
+            d["audit"].pop("references", None)
         return json_hash(d)
 
 

@@ -231,6 +231,7 @@ class Prepared:
     train_ids: list[list[int]]
     pad_id: int
     timings: dict[str, float]
+    corpus: Any = None
 
 
 @dataclass
@@ -251,7 +252,8 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    split = make_split(load_corpus(cfg.data), cfg.data)
+    corpus = load_corpus(cfg.data)
+    split = make_split(corpus, cfg.data)
     timings["data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     lm = load_model(cfg.model, dtype=cfg.train.dtype, device=resolve_device(cfg.train.device),
@@ -260,7 +262,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     if any(len(s) < 2 for s in train_ids):
         raise MemlensError("a training text has fewer than 2 tokens (nothing to predict); check the data")
     timings["model_s"] = time.perf_counter() - t
-    return Prepared(split, lm, train_ids, lm.pad_id, timings)
+    return Prepared(split, lm, train_ids, lm.pad_id, timings, corpus)
 
 
 def train(cfg: RunConfig, prep: Prepared, progress: bool = True) -> Trained:

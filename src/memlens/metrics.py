@@ -128,6 +128,28 @@ def tpr_at_fpr(y_true, scores, target_fpr: float) -> TprAtFpr:
     return TprAtFpr(target_fpr, float(tpr[best]), float(fpr[best]), float(thr[best]), res, target_fpr < res)
 
 
+def _tpr_by_count(y: np.ndarray, s: np.ndarray, target_fpr: float) -> float:
+    """The same TPR as :func:`tpr_at_fpr`, by counting: with m = the most false positives the target allows, the
+    best ROC point with at most m negatives flagged flags every positive scored above the (m+1)-th highest negative."""
+    neg, pos = s[y == 0], s[y == 1]
+    m = int(np.floor(target_fpr * len(neg) + 1e-12 * max(len(neg), 1)))
+    if m >= len(neg):
+        return 1.0
+    v = -np.partition(-neg, m)[m]  # the (m+1)-th highest negative score
+    return float((pos > v).sum() / len(pos))
+
+
+def bootstrap_tpr_ci(y_true, scores, target_fpr: float, n_boot: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float]:
+    """Stratified bootstrap interval of TPR at ``target_fpr`` (the threshold is chosen again in every resample)."""
+    y, s = _check(y_true, scores)
+    if not _two_classes(y):
+        return float("nan"), float("nan")
+    idx = _bootstrap_indices(y, n_boot, seed)
+    vals = np.array([_tpr_by_count(y[i], s[i], target_fpr) for i in idx])
+    return tuple(float(v) for v in np.quantile(vals, [(1 - level) / 2, (1 + level) / 2]))
+
+
 @dataclass(frozen=True)
 class Correlation:
     method: str
