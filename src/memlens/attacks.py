@@ -101,7 +101,10 @@ def ref_lora(nll_target: np.ndarray, nll_refs: np.ndarray, out_mask: np.ndarray)
     of masked language models using membership inference attacks"): the pre-trained model of ``ref_ratio`` and
     ``ref_diff`` is replaced by the reference adapters that did not train on the record.
 
-    ``ref_lora`` = mean_OUT(NLL_ref) / NLL_target, ``ref_lora_diff`` = mean_OUT(NLL_ref) - NLL_target.
+    ``ref_lora`` = mean_OUT(NLL_ref) / NLL_target, ``ref_lora_diff`` = mean_OUT(NLL_ref) - NLL_target, with NLL the
+    mean token NLL (so the difference is the paper's log-likelihood ratio per token, not per sequence, as for
+    ``ref_diff``), averaged over the OUT references (a geometric mean of their token probabilities; the paper used a
+    single reference). The ratio form mirrors ``ref_ratio``, the authors' code of Savine et al.
     """
     nll_target, nll_refs, out_mask = _check_refs(nll_target, nll_refs, out_mask, "ref_lora")
     k = out_mask.sum(axis=1)
@@ -118,7 +121,10 @@ def lira_offline(phi_target: np.ndarray, phi_refs: np.ndarray, out_mask: np.ndar
     Per record, the OUT references' statistics are fitted by a Gaussian N(mu_out, sigma_out^2); the one-sided test
     Lambda = Pr[Z < phi_target], Z ~ N(mu_out, sigma_out^2), is monotone in z = (phi_target - mu_out) / sigma_out,
     which is returned (same ROC as Lambda, without its saturation at 1). Means are plain means (the paper's code
-    uses medians); variances as in :func:`_group_moments`.
+    uses medians); variances as in :func:`_group_moments` (the global one is the pooled within-record variance; the
+    authors' code takes the standard deviation of all statistics together, which adds the spread between records).
+    The statistic is phi = -mean NLL rather than the paper's logit of a confidence: it is already on a log scale,
+    and bounded by 0 only for a sequence predicted with certainty.
     """
     phi_target, phi_refs, out_mask = _check_refs(phi_target, phi_refs, out_mask, "lira_offline")
     mu, sigma = _group_moments(phi_refs, out_mask, global_variance, "lira_offline")
@@ -146,7 +152,9 @@ def lira_online(phi_target: np.ndarray, phi_refs: np.ndarray, in_mask: np.ndarra
 def rmia_marginal(p_refs: np.ndarray, out_mask: np.ndarray | None, a: float) -> np.ndarray:
     """Pr(x), the probability of a record averaged over reference models (RMIA's denominator).
 
-    Online (``out_mask`` None: the references are a mix of IN and OUT models): the plain mean over the references.
+    Online (``out_mask`` None: the references are a mix of IN and OUT models): the plain mean over the references,
+    which is the paper's (Pr_IN(x) + Pr_OUT(x)) / 2 when each record is IN for exactly half of the references, as
+    memlens's online plan makes it.
     Offline (only the OUT references of the record are used): Pr(x) = (1 + a)/2 * mean_OUT(p) + (1 - a)/2, from the
     linear approximation Pr_IN(x) = a * Pr_OUT(x) + (1 - a) of Zarifzadeh et al. 2024 (Sec. 4, "offline").
     """
@@ -173,6 +181,11 @@ def rmia(p_target_x: np.ndarray, p_refs_x: np.ndarray, p_target_z: np.ndarray, p
     """
     p_target_x, p_refs_x, _ = _check_refs(p_target_x, p_refs_x, out_mask_x, "rmia (x)")
     p_target_z, p_refs_z, _ = _check_refs(p_target_z, p_refs_z, out_mask_z, "rmia (z)")
+    if p_refs_x.shape[1] != p_refs_z.shape[1]:
+        raise ValueError(f"rmia: x and z must be scored by the same references ({p_refs_x.shape[1]} vs "
+                         f"{p_refs_z.shape[1]})")
+    if (out_mask_x is None) != (out_mask_z is None):
+        raise ValueError("rmia: give the OUT masks of both x and z (offline) or of neither (online)")
     ratio_x = p_target_x / rmia_marginal(p_refs_x, out_mask_x, a)
     ratio_z = np.sort(p_target_z / rmia_marginal(p_refs_z, out_mask_z, a))
     # #{z : ratio_x / ratio_z >= gamma} = #{z : ratio_z <= ratio_x / gamma}  (every ratio is positive)

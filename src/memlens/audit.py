@@ -30,6 +30,7 @@ from memlens.config import AuditConfig, RunConfig, dump_yaml
 from memlens.data.records import Record
 from memlens.errors import MemlensError
 from memlens.extraction import Decoding, extract, summarize
+from memlens.blind import blind_baseline
 from memlens.membership import attack_rows
 from memlens.models import LoadedModel, at_precision, effective_precision, resolve_precision
 from memlens.paths import cache_dir
@@ -168,6 +169,10 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
 
     rows, headline = attack_rows(y, scores, cfg.fpr, cfg.bootstrap)
     out.metrics.extend(rows)
+    blind = None
+    if cfg.blind:
+        blind = blind_baseline([r.text for r in records], y)
+        out.metrics.append(("blind:auc", "blind", blind["auc"], blind["lo"], blind["hi"], blind))
     references = None
     if refs is not None:
         references = refs.attach(out, records, y, scores, ft, model_ft, cfg, pad_id, progress)
@@ -228,6 +233,8 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
                    "n_members": int(y.sum()), "n_nonmembers": int((1 - y).sum())}
     if references is not None:
         out.summary["references"] = references
+    if blind is not None:
+        out.summary["blind"] = blind
     return out
 
 

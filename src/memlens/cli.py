@@ -114,6 +114,9 @@ def print_audit_summary(summary: dict, title: str) -> None:
         console.print(f"* below the FPR resolution 1/{summary['n_nonmembers']}: "
                       f"{' and '.join(f'{x:.1%}' for x in flagged)} FPR need more than {summary['n_nonmembers']} "
                       "non-members to mean anything")
+    if summary.get("blind"):
+        console.print(f"blind baseline (the texts alone, never the model): {summary['blind']['message']}",
+                      soft_wrap=True)
     ref = summary.get("references")
     if ref:
         p = Table(title=f"reference attacks - ref_ratio, same records (paired bootstrap 95%); {ref['count']} "

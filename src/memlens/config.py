@@ -43,6 +43,25 @@ class CanarySpec(_Strict):
         description="overwrite: replace repeats-1 other members by copies (the paper's code, size unchanged); "
         "add: append repeats-1 copies",
     )
+    formatted: FormattedCanarySpec | None = Field(None, description="formatted canaries for exposure; None = none")
+
+
+class FormattedCanarySpec(_Strict):
+    """Formatted canaries (Carlini et al. 2019): new texts from a template with random slots, so that the space R of
+    texts they could have been is known; scored apart from the members, by their exposure."""
+
+    repeats: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1,
+                               description="copies in the training set; per_repeat canaries at each value")
+    per_repeat: int = Field(2, ge=1, description="distinct canaries at each repetition count")
+    digits: int = Field(6, ge=1, le=12, description="digits of the random patient number slot")
+    seed: int = Field(0, description="seed of the canaries' values")
+
+    @field_validator("repeats")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(r < 1 for r in v) or len(set(v)) != len(v):
+            raise ValueError(f"repeats must be distinct counts >= 1, got {v}")
+        return v
 
 
 class DataConfig(_Strict):
@@ -149,7 +168,7 @@ class ExtractionConfig(_Strict):
 class ReferencesConfig(_Strict):
     """Reference adapters: LoRA adapters trained with the audited run's own settings on data the audit controls."""
 
-    count: int = Field(4, ge=1, description="number of reference adapters K")
+    count: int = Field(4, ge=2, description="number of reference adapters K (LiRA's variance needs two per group)")
     mode: Literal["offline", "online"] = Field(
         "offline", description="offline: references train on population draws only (every audited record is OUT); "
         "online: each audited record is IN for exactly half of the references (K even)")
@@ -171,9 +190,16 @@ class ReferencesConfig(_Strict):
 
     @model_validator(mode="after")
     def _online_even(self) -> ReferencesConfig:
-        if self.mode == "online" and (self.count < 2 or self.count % 2):
-            raise ValueError(f"references.count: online references need an even count >= 2 (got {self.count})")
+        if self.mode == "online" and (self.count < 4 or self.count % 2):
+            raise ValueError(f"references.count: online references need an even count >= 4, two IN and two OUT "
+                             f"per record at least (got {self.count})")
         return self
+
+
+class ExposureConfig(_Strict):
+    candidates: int = Field(2000, ge=10, description="texts drawn from the canaries' space R to rank each canary "
+                            "among (exposure resolves at most log2(candidates + 1) bits by ranking)")
+    seed: int = Field(0, description="seed of the candidate draw")
 
 
 class AuditConfig(_Strict):
@@ -191,6 +217,9 @@ class AuditConfig(_Strict):
                                  "has fast bf16, else float32 (log-softmax always in float32)")
     extraction: ExtractionConfig | None = Field(default_factory=ExtractionConfig, description="None = skip")
     include_text: bool = Field(False, description="store raw texts and generations (sensitive) in the store")
+    exposure: ExposureConfig = Field(default_factory=ExposureConfig, description="exposure of formatted canaries "
+                                     "(data.canary.formatted); used only when the run has them")
+    blind: bool = Field(True, description="fit the blind baseline: a classifier of the texts alone, never the model")
     references: ReferencesConfig | None = Field(None, description="reference adapters and the attacks that use "
                                                 "them (ref_lora, LiRA, RMIA); None = off")
 
@@ -228,8 +257,13 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for k in ("name", "output_dir", "store"):
             d.pop(k)
-        if d["audit"].get("references") is None:  # settings added later leave earlier run ids unchanged when off
-            d["audit"].pop("references", None)
+        # settings added later leave earlier run ids unchanged at their defaults
+        for key, default in (("references", None), ("blind", True),
+                             ("exposure", ExposureConfig().model_dump(mode="json"))):
+            if d["audit"].get(key) == default:
+                d["audit"].pop(key, None)
+        if d["data"]["canary"].get("formatted") is None:
+            d["data"]["canary"].pop("formatted", None)
         return json_hash(d)
 
 

@@ -133,6 +133,8 @@ class Split:
     displaced: list[Record]
     overlaps: list[Overlap]
     manifest: dict[str, Any]
+    formatted: list[tuple[Record, int]] = field(default_factory=list)  # formatted canaries and their copies
+    canary_format: Any = None  # their space R (memlens.exposure.CanaryFormat)
 
 
 def _draw(pool: list[Record], n: int | None, rng: random.Random, what: str, split: str) -> list[Record]:
@@ -190,7 +192,12 @@ def make_split(corpus: Corpus, cfg: DataConfig) -> Split:
             log.warning(msg)
     if not members or not nonmembers:
         raise MemlensError("the split leaves no members or no non-members")
-    split = Split(train, members, nonmembers, canaries, displaced, overlaps, {})
+    formatted, fmt = [], None
+    if cfg.canary.formatted is not None:
+        formatted, fmt = formatted_canaries(corpus, cfg)
+        for rec, copies in formatted:
+            train.extend([rec] * copies)
+    split = Split(train, members, nonmembers, canaries, displaced, overlaps, {}, formatted, fmt)
     split.manifest = build_manifest(corpus, cfg, split, m_split, n_split)
     return split
 
@@ -223,6 +230,32 @@ def apply_canaries(
     return train, canaries, displaced
 
 
+def formatted_canaries(corpus: Corpus, cfg: DataConfig) -> tuple[list[tuple[Record, int]], Any]:
+    """The formatted canaries of ``data.canary.formatted`` (see :mod:`memlens.exposure`): ``per_repeat`` new texts
+    for each repetition count, with slot values from the corpus's annotated drugs, doses and effects (the synthetic
+    corpus's vocabulary when the corpus has no such annotations)."""
+    from memlens.exposure import canary_format, draw_canaries
+
+    spec = cfg.canary.formatted
+    every = [r for recs in corpus.splits.values() for r in recs]
+    try:
+        fmt = canary_format(every, spec.digits)
+    except MemlensError as e:
+        if any(r.fields for r in every):
+            raise MemlensError(f"data.canary.formatted: {e}") from None
+        log.info("formatted canaries: the corpus has no annotated fields; slot values from the synthetic corpus")
+        fmt = canary_format(synthetic.generate(500, seed=0), spec.digits)
+    values = draw_canaries(fmt, spec.per_repeat * len(spec.repeats), spec.seed)
+    texts = {r.text for r in every}
+    out = []
+    for i, v in enumerate(values):
+        text = fmt.render(v)
+        if text in texts:
+            raise MemlensError("data.canary.formatted: a canary equals a corpus text; change data.canary.formatted.seed")
+        out.append((Record(f"canary-{i:03d}", text, "canary"), spec.repeats[i // spec.per_repeat]))
+    return out, fmt
+
+
 def build_manifest(corpus: Corpus, cfg: DataConfig, split: Split, m_split: str, n_split: str) -> dict[str, Any]:
     """Ids and text hashes of everything used (never the raw text), counts, seed, and the manifest's own hash."""
     body = {
@@ -237,9 +270,11 @@ def build_manifest(corpus: Corpus, cfg: DataConfig, split: Split, m_split: str, 
             "nonmembers": len(split.nonmembers),
             "canaries": len(split.canaries),
             "displaced": len(split.displaced),
+            "formatted_canaries": len(split.formatted),
             "overlaps": len(split.overlaps),
         },
         "canaries": split.canaries,
+        "formatted_canaries": {r.id: copies for r, copies in split.formatted},
         "members": [[r.id, r.text_hash] for r in split.members],
         "nonmembers": [[r.id, r.text_hash] for r in split.nonmembers],
         "train": [r.id for r in split.train],

@@ -17,6 +17,7 @@ import numpy as np
 
 from memlens import metrics as M
 from memlens.errors import MemlensError
+from memlens.report import audit_tables as AT
 from memlens.report import data as D
 from memlens.report import figures as F
 from memlens.report import paper
@@ -198,8 +199,31 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
     add(F.privacy_vs_utility(points), "privacy_vs_utility",
         "Privacy against utility: membership AUC against held-out perplexity, one point per run")
 
+    # every attack of a run, log-log (the first runs that have the reference attacks, else the first runs)
+    shown = [r for r in runs if r.summary.get("references")][:4] or runs[:2]
+    for r in shown:
+        names = list(r.summary.get("attacks", {}))
+        sc = D.sample_scores(conn, r.run_id, [f"score_{a}" for a in names])
+        curves = []
+        for a in names:
+            if f"score_{a}" in sc:
+                fpr, tpr, _ = M.roc_curve(sc["member"], sc[f"score_{a}"])
+                curves.append((a, fpr, tpr, r.auc(a)))
+        add(F.roc_curves(curves, loglog=True), f"roc_attacks_{r.run_id[:8]}",
+            f"ROC of every attack, log-log: run {r.name}")
+    expo = AT.exposure_points(runs)
+    bits = [r.summary["exposure"]["space_bits"] for r in runs if r.summary.get("exposure")]
+    add(F.exposure_vs_repetition(expo, min(bits) if bits else None), "exposure_vs_repetition",
+        "Exposure of formatted canaries against repetition: one point per canary; rank exposure resolves at most "
+        "log2(candidates + 1) bits (hollow: at that cap)")
+
     table = table_rows(runs, attack)
     pairs = paired_rows(conn, runs, attack, n_boot)
+    domain = None
+    if attack != "ref_lora" and any(r.metric("auc", "ref_lora") for r in runs):
+        dpairs = paired_rows(conn, runs, "ref_lora", n_boot)
+        domain = {"pairs": dpairs, "verdict": verdict_text(dpairs), "table": table_rows(
+            [r for r in runs if r.metric("auc", "ref_lora")], "ref_lora")}
     models = sorted({r.summary.get("model", {}).get("source", "?") for r in runs})
     examples = []
     if include_text:
@@ -215,7 +239,8 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
     page = env.get_template("report.html").render(
         title=f"memlens report{': ' + study if study else ''}", generated=dt.datetime.now().isoformat(timespec="seconds"),
         version=__version__, store=str(store), attack=attack, runs=runs, table=table, pairs=pairs,
-        verdict=verdict_text(pairs), figures=figs, notes=notes, models=models, paper_source=paper.SOURCE,
+        verdict=verdict_text(pairs), figures=figs, domain=domain,
+        audits=[AT.attack_table(r) for r in runs[:30]], fprs=AT.FPRS, notes=notes, models=models, paper_source=paper.SOURCE,
         fmt=_fmt, examples=examples, escape=html.escape)
     path = out / "report.html"
     tmp = out / ".report.html.tmp"

@@ -122,6 +122,30 @@ def privacy_vs_utility(points: list[tuple[str, float, float]]):
     return fig
 
 
+def exposure_vs_repetition(points: dict[str, list[tuple[int, float, bool]]], space_bits: float | None):
+    """points: estimator -> [(repeats, exposure in bits, capped)], one point per canary; capped points hollow."""
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for (label, pts), marker, dx in zip(points.items(), "osx^", (0.94, 1.0, 1.06, 1.12)):
+        r = np.array([p[0] for p in pts], dtype=float) * dx  # side by side, not on top of each other
+        e = np.array([p[1] for p in pts])
+        capped = np.array([p[2] for p in pts], dtype=bool)
+        line = ax.scatter(r[~capped], e[~capped], marker=marker, label=label, s=28)
+        if capped.any():
+            ax.scatter(r[capped], e[capped], marker=marker, facecolors="none", edgecolors=line.get_facecolor(),
+                       s=28, label=f"{label}, at its cap (a lower bound)")
+    if space_bits:
+        ax.axhline(space_bits, color="k", ls=":", lw=0.8, label=f"log2|R| = {space_bits:.1f} bits")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("copies of the canary in the training set")
+    ax.set_ylabel("exposure (bits)")
+    ax.set_title("Exposure of formatted canaries against repetition")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig: Any, folder, name: str) -> tuple[str, str]:
     """Write PNG and SVG; return the PNG's base64 text and the file stem."""
     import base64
