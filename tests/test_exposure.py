@@ -207,3 +207,35 @@ def test_bad_inputs_raise_memlens_errors():
         TOY.render({"a": "a9", "b": "b0", "c": "c0"})
     with pytest.raises(MemlensError, match="unknown slot"):
         canary_format(RECORDS, template="Patient {number} got {route}.")
+
+
+def test_a_run_measures_exposure_apart_from_membership(tmp_path):
+    """A memorizing control: the canary copied 16 times reaches the ranking cap; exposure under the base model
+    (which never saw it) stays low; canaries never enter the member/non-member records."""
+    import sqlite3
+
+    from memlens.audit import run_config
+    from memlens.config import load_config
+
+    cfg = load_config(None, ["model=tiny", "data.source=synthetic", "data.synthetic_size=400", "train.batch_size=8",
+                             "audit.bootstrap=0", "audit.extraction=null", "audit.blind=false",
+                             "data.members.n=16", "data.nonmembers.n=16", "train.method=full", "train.epochs=12",
+                             "train.lr=3e-3", "train.warmup_steps=2", "data.canary.formatted.repeats=[1, 16]",
+                             "data.canary.formatted.per_repeat=1", "audit.exposure.candidates=200",
+                             f"output_dir={tmp_path}"])
+    res = run_config(cfg, progress=False)
+    e = res.summary["exposure"]
+    assert res.summary["counts"]["train"] == 16 + 1 + 16 and res.summary["counts"]["formatted_canaries"] == 2
+    by = {c["repeats"]: c for c in e["canaries"]}
+    assert by[16]["rank_exposure"] == pytest.approx(math.log2(201)) and by[16]["capped"]
+    assert by[16]["skewnorm_exposure"] > by[16]["base_skewnorm_exposure"] + 5
+    assert by[16]["base_rank_exposure"] < 5
+    from memlens.data import synthetic
+
+    corpus = [r for recs in synthetic.load(400).values() for r in recs]
+    assert e["space_bits"] == pytest.approx(math.log2(canary_format(corpus).space_size))
+    with sqlite3.connect(res.store) as conn:
+        ids = {r[0] for r in conn.execute("SELECT sample_id FROM samples")}
+        assert len(ids) == 32 and not any(i.startswith("canary-") for i in ids)
+        stored = dict(conn.execute("SELECT subject, value FROM metrics WHERE name = 'exposure'").fetchall())
+    assert stored == {c["id"]: c["rank_exposure"] for c in e["canaries"]}

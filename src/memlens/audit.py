@@ -242,6 +242,41 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
 
 
 @dataclass
+class ExposureInputs:
+    """The formatted canaries of a run and their candidates, tokenized, with base-model scores taken before the
+    run's adapter is attached (see :mod:`memlens.exposure`)."""
+
+    canaries: list[tuple[str, int]]
+    fmt: Any
+    seqs: list[list[int]]  # canaries, then candidates
+    base: np.ndarray  # total NLL under the base model
+    seconds: float
+
+    @classmethod
+    def prepare(cls, prep: Any, cfg: RunConfig, progress: bool) -> ExposureInputs:
+        from memlens.exposure import candidate_texts
+
+        t = time.perf_counter()
+        split = prep.split
+        texts = [r.text for r, _ in split.formatted]
+        cands = candidate_texts(split.canary_format, texts, cfg.audit.exposure.candidates, cfg.audit.exposure.seed)
+        seqs = prep.lm.encode(texts + cands, cfg.train.add_bos, cfg.train.max_length)
+        base = cached_score(prep.lm, prep.lm.model, seqs, cfg.audit, prep.pad_id, progress, min_k_pp=False,
+                            label="score canaries (base)").sum_nll
+        return cls([(r.id, n) for r, n in split.formatted], split.canary_format, seqs, base,
+                   time.perf_counter() - t)
+
+    def measure(self, model_ft: Any, cfg: RunConfig, pad_id: int, progress: bool) -> tuple[list[tuple], dict]:
+        from memlens.exposure import exposure_rows
+
+        model = at_precision(model_ft, resolve_precision(cfg.audit.precision, next(model_ft.parameters()).device))
+        ft = score(model, self.seqs, batch_size=cfg.audit.batch_size, pad_id=pad_id,
+                   progress="score canaries (fine-tuned)" if progress else None).sum_nll
+        c = len(self.canaries)
+        return exposure_rows(self.canaries, self.fmt, ft[:c], ft[c:], self.base[:c], self.base[c:])
+
+
+@dataclass
 class RunResult:
     run_id: str
     store: Path
@@ -283,10 +318,16 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
 
         refs = prepare_references(prep.lm, cfg, prep.corpus, prep.split, records, seqs, len(prep.train_ids),
                                   plan_steps(len(prep.train_ids), cfg.train)[1], progress)
+    expo = ExposureInputs.prepare(prep, cfg, progress) if prep.split.formatted else None
     tr = train(cfg, prep, progress)
     timings["train_s"] = tr.seconds
     out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id,
                 progress, refs)
+    if expo is not None:
+        t = time.perf_counter()
+        rows, out.summary["exposure"] = expo.measure(tr.model, cfg, prep.pad_id, progress)
+        out.metrics.extend(rows)
+        timings["exposure_s"] = time.perf_counter() - t + expo.seconds
     timings.update(out.timings)
     timings["total_s"] = time.perf_counter() - t0
     summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,

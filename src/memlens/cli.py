@@ -135,6 +135,16 @@ def print_audit_summary(summary: dict, title: str) -> None:
                       (" (tuned)" if ref.get("rmia_a_tuned") is not None else ""))
         for note in ref.get("notes", []):
             console.print(f"note: {note}", soft_wrap=True)
+    ex = summary.get("exposure")
+    if ex:
+        e = Table(title=f"exposure of formatted canaries (bits; log2|R| = {ex['space_bits']:.1f}; ranking among "
+                  f"{ex['n_candidates']} candidates resolves at most {ex['max_rank_bits']:.1f})")
+        for col in ("canary", "copies", "rank exposure", "skew-normal", "base model (rank)"):
+            e.add_column(col, justify="right" if col != "canary" else "left")
+        for c in ex["canaries"]:
+            e.add_row(c["id"], str(c["repeats"]), _fmt(c["rank_exposure"], 2) + (" (cap)" if c["capped"] else ""),
+                      _fmt(c["skewnorm_exposure"], 2), _fmt(c.get("base_rank_exposure"), 2))
+        console.print(e)
     if summary.get("extraction"):
         e = Table(title="extraction (continuation vs true suffix; members - non-members is memorization)")
         for col in ("decoding", "measure", "members", "non-members", "difference"):

@@ -443,3 +443,49 @@ def exposure(canary_score: float, candidate_scores, space_size: int) -> dict:
         "n_candidates": int(s.size),
         "capped": bool(r == 1.0 or s.size + 1 >= r * int(space_size)),  # the estimated rank in R was floored at 1
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exposure probe of a run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def candidate_texts(fmt: CanaryFormat, canaries: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` texts drawn uniformly from R (seeded), none of them a canary: the texts each canary is ranked among."""
+    rng = np.random.default_rng(seed)
+    exclude, out = set(canaries), []
+    while len(out) < n:
+        out += [t for t in (fmt.render(v) for v in fmt.sample(rng, n - len(out))) if t not in exclude]
+    return out
+
+
+def exposure_rows(canaries: Sequence[tuple[str, int]], fmt: CanaryFormat, ft_scores: np.ndarray,
+                  cand_ft: np.ndarray, base_scores: np.ndarray | None = None, cand_base: np.ndarray | None = None
+                  ) -> tuple[list[tuple], dict]:
+    """Exposure of every canary under the fine-tuned model (and the base model, the same canaries unseen).
+
+    ``canaries``: (id, copies in the training set); scores are log-perplexities (total NLL, nats) of the canaries
+    and of the candidates. Returns metric rows ``("exposure", id, rank exposure, None, None, details)`` and a
+    summary with the per-canary values and their mean per repetition count.
+    """
+    rows, per = [], []
+    for i, (cid, repeats) in enumerate(canaries):
+        e = exposure(float(ft_scores[i]), cand_ft, fmt.space_size)
+        entry = {"id": cid, "repeats": int(repeats), **e}
+        if base_scores is not None:
+            b = exposure(float(base_scores[i]), cand_base, fmt.space_size)
+            entry.update({"base_rank_exposure": b["rank_exposure"], "base_skewnorm_exposure": b["skewnorm_exposure"],
+                          "base_capped": b["capped"]})
+        rows.append(("exposure", cid, e["rank_exposure"], None, None, entry))
+        per.append(entry)
+    by: dict[int, list[dict]] = {}
+    for e in per:
+        by.setdefault(e["repeats"], []).append(e)
+    summary = {"template": fmt.template, "space_bits": fmt.log2_space, "n_candidates": int(len(cand_ft)),
+               "max_rank_bits": math.log2(len(cand_ft) + 1), "canaries": per,
+               "by_repeats": {str(r): {"n": len(es), "rank_exposure": float(np.mean([e["rank_exposure"] for e in es])),
+                                       "skewnorm_exposure": float(np.mean([e["skewnorm_exposure"] for e in es])),
+                                       **({"base_rank_exposure": float(np.mean([e["base_rank_exposure"] for e in es]))}
+                                          if base_scores is not None else {})}
+                              for r, es in sorted(by.items())}}
+    return rows, summary

@@ -183,6 +183,10 @@ def train_reference(lm: Any, cfg: RunConfig, spec: dict[str, Any], ref_hash: str
     return time.perf_counter() - t
 
 
+def encode(lm: Any, cfg: RunConfig, records: list[Record]) -> list[list[int]]:
+    return lm.encode([r.text for r in records], cfg.train.add_bos, cfg.train.max_length) if records else []
+
+
 @dataclass
 class ReferenceStats:
     """Mean token NLL of each record under each reference, and what the references cost."""
@@ -201,9 +205,7 @@ def score_references(lm: Any, cfg: RunConfig, rp: ReferencePlan, audited_seqs: l
     from memlens.audit import StatsCache, cached_score, stats_key
     from memlens.progress import progress_bar
 
-    add_bos, max_length = cfg.train.add_bos, cfg.train.max_length
-    z_seqs = lm.encode([r.text for r in rp.z], add_bos, max_length)
-    tune_seqs = lm.encode([r.text for r in rp.tune], add_bos, max_length)
+    z_seqs, tune_seqs = encode(lm, cfg, rp.z), encode(lm, cfg, rp.tune)
     every = audited_seqs + z_seqs + tune_seqs
     cols, cost = [], []
     with progress_bar("references", len(rp.hashes), enabled=progress, unit="adapters") as advance:
@@ -304,5 +306,4 @@ def prepare_references(lm: Any, cfg: RunConfig, corpus: Any, split: Any, records
     for note in rp.notes:
         log.warning("references: %s", note)
     rs = score_references(lm, cfg, rp, seqs, progress)
-    z_seqs = lm.encode([r.text for r in rp.z], cfg.train.add_bos, cfg.train.max_length)
-    return ReferenceAudit(rp, rs, z_seqs, time.perf_counter() - t)
+    return ReferenceAudit(rp, rs, encode(lm, cfg, rp.z), time.perf_counter() - t)
