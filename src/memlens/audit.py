@@ -316,7 +316,7 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
         from memlens.finetune import plan_steps
         from memlens.references import prepare_references
 
-        refs = prepare_references(prep.lm, cfg, prep.corpus, prep.split, records, seqs, len(prep.train_ids),
+        refs = prepare_references(prep.lm, cfg, prep.corpus, prep.split, records, seqs, len(prep.split.members),
                                   plan_steps(len(prep.train_ids), cfg.train)[1], progress)
     expo = ExposureInputs.prepare(prep, cfg, progress) if prep.split.formatted else None
     tr = train(cfg, prep, progress)

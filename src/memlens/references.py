@@ -11,8 +11,8 @@ Plan (``audit.references``)
   (PHEE: the dev split; JSONL/CSV: the records of the members' split that the run neither trains on nor audits),
   without exact or near duplicates of an audited record. Its first ``holdout`` records (after a seeded shuffle) are
   never trained on by any reference: they are RMIA's population records z.
-* **offline**: reference j trains on a seeded draw of the rest of the population, of the size of the run's
-  training list (or all of it when the population is smaller), so every audited record is OUT for every reference.
+* **offline**: reference j trains on a seeded draw of the rest of the population, of the size of the run's member
+  set (or all of it when the population is smaller), so every audited record is OUT for every reference.
 * **online**: the audited records and the rest of the population are the universe; each universe record is IN for
   exactly K/2 references, chosen at random, and reference j trains on its IN records.
 * Every reference makes as many optimizer steps as the audited run (its ``train`` settings with ``max_steps`` set),
@@ -103,7 +103,7 @@ def _spec(cfg: RunConfig, identity: str, steps: int, j: int, records: list[Recor
 def plan(cfg: RunConfig, pool: list[Record], audited: list[Record], n_train: int, steps: int,
          identity: str) -> ReferencePlan:
     """Draw every reference's training records (see the module docstring). ``n_train`` is the size of the audited
-    run's training list and ``steps`` its optimizer steps."""
+    run's member set and ``steps`` its optimizer steps."""
     rc = cfg.audit.references
     k = rc.count
     rng = random.Random(rc.seed)
@@ -117,8 +117,8 @@ def plan(cfg: RunConfig, pool: list[Record], audited: list[Record], n_train: int
     if rc.mode == "offline":
         size = min(n_train, len(rest))
         if size < n_train:
-            notes.append(f"the population leaves {len(rest)} records to train on, fewer than the {n_train} the run "
-                         f"trains on: each reference trains on all of them for the run's {steps} steps")
+            notes.append(f"the population leaves {len(rest)} records to train on, fewer than the {n_train} members of the run "
+                         f"audited: each reference trains on all of them for the run's {steps} steps")
         draws = [sorted(rng.sample(range(len(rest)), size)) for _ in range(k)]
         train = [[rest[i] for i in d] for d in draws]
         in_pool = np.zeros((len(rest), k), dtype=bool)
