@@ -110,3 +110,45 @@ def test_verdict_text_by_case():
         "No: none of the 2 paired comparisons shows a higher AUC for V or O than for Q or K; 1 show")
     assert verdict_text(rows("higher", "lower", "not resolved")).startswith(
         "Mixed: of 3 paired comparisons (V or O against Q or K), 1 show a significantly higher AUC for V/O, 1")
+
+
+REF_STUDY = {
+    "name": "refs",
+    "base": {"model": "tiny", "data": {"source": "synthetic", "synthetic_size": 400, "members": {"n": 32},
+                                       "nonmembers": {"n": 32}, "canary": {"formatted": {"repeats": [1, 8],
+                                                                                          "per_repeat": 1}}},
+             "train": {"epochs": 6, "batch_size": 8, "lr": 1e-2},
+             "audit": {"bootstrap": 50, "extraction": None, "exposure": {"candidates": 50},
+                       "references": {"count": 2, "holdout": 20, "tune_records": 20}}},
+    "axes": {"lora.targets": [["q"], ["v"]]},
+}
+
+
+def test_report_asks_again_under_the_domain_matched_reference(tmp_path):
+    st = StudyConfig.model_validate(REF_STUDY)
+    db = tmp_path / "s.sqlite"
+    run_study(st, plan(st, None, [], str(tmp_path / "runs")), db, progress=False)
+    out = tmp_path / "rep"
+    page = build_report(db, out, study="refs").read_text()
+    conn = D.connect_readonly(db)
+    runs = D.load_runs(conn, "refs")
+    # the V - Q comparison under ref_lora, recomputed from the stored per-sample scores
+    section = page.split("domain-matched reference (<code>ref_lora</code>)")[1].split("<h2>")[0]
+    (diff,) = re.findall(r"<td>V - Q</td><td>1</td><td>[^<]*</td><td>(-?[\d.]+)</td>", section)
+    rv, rq = (next(r for r in runs if r.targets == t) for t in ("V", "Q"))
+    sv, sq = (D.sample_scores(conn, r.run_id, ["score_ref_lora"]) for r in (rv, rq))
+    d = M.auc(sv["member"], sv["score_ref_lora"]) - M.auc(sq["member"], sq["score_ref_lora"])
+    assert float(diff) == pytest.approx(d, abs=6e-4)
+    (reading,) = re.findall(r'<td class="l">(higher|lower|not resolved)</td></tr>', section)
+    assert html.unescape(re.search(r'<p class="verdict">(.*?)</p>', section, re.S).group(1)) == verdict_text(
+        [{"verdict": reading}])
+    # every attack of every run, with its TPR flagged below the resolution (32 non-members: 1% and 0.1%)
+    for r in runs:
+        block = page.split(f"<code>{r.run_id[:12]}</code>: 32 members, 32 non-members")[1].split("<h3>")[0]
+        for a in ("loss", "ref_ratio", "ref_lora", "lira_offline", "rmia"):
+            assert f'<td class="l">{a}</td><td>{r.auc(a):.3f}</td>' in block, a
+        assert block.count(" *</td>") == 2 * len(r.summary["attacks"])  # 0.1% and 1% flagged, 10% not
+        assert "Blind baseline (the texts alone, never the model)" in block
+    for r in runs:
+        assert (out / f"roc_attacks_{r.run_id[:8]}.png").is_file()
+    assert (out / "exposure_vs_repetition.png").stat().st_size > 1000

@@ -294,15 +294,18 @@ def _audit_records(split) -> tuple[list[Record], np.ndarray]:
     return records, member
 
 
-def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = None) -> dict[str, Any]:
+def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune and audit one configuration; write its run folder; return the store record (nothing stored yet).
 
     The record is plain data, so a worker process or a Ray task can hand it back to the process that owns the store.
+    ``overwrite``: replace this same run's folder if it exists (never another folder).
     """
-    from memlens.finetune import prepare, run_name, train, train_summary, write_run_folder
+    from memlens.finetune import check_run_folder, prepare, run_name, train, train_summary, write_run_folder
 
     run_id = cfg.config_hash()
     run_dir = Path(cfg.output_dir) / run_name(cfg)
+    check_run_folder(run_dir, run_id, overwrite)
     t0 = time.perf_counter()
     prep = prepare(cfg)
     timings = dict(prep.timings)
@@ -332,7 +335,7 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     timings["total_s"] = time.perf_counter() - t0
     summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
-    write_run_folder(run_dir, cfg, prep, tr, summary, overwrite=True)
+    write_run_folder(run_dir, cfg, prep, tr, summary, overwrite=overwrite)
     run = {"run_id": run_id, "name": run_dir.name, "study": study, "config": cfg.model_dump(mode="json"),
            "config_hash": run_id, "manifest_hash": prep.split.manifest["hash"], "versions": summary["versions"],
            "seed": cfg.train.seed, "timings": summary["timings_s"], "summary": summary}
@@ -361,7 +364,7 @@ def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True
     conn.close()
     if exists and not overwrite:
         raise MemlensError(f"run {cfg.config_hash()[:12]} is already in {db} (pass --overwrite to redo it)")
-    record = compute_run(cfg, progress=progress, study=study)
+    record = compute_run(cfg, progress=progress, study=study, overwrite=overwrite)
     store_record(db, record, replace=overwrite)
     summary = record["run"]["summary"]
     return RunResult(record["run"]["run_id"], db, Path(summary["run_dir"]), summary)

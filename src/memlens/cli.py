@@ -287,9 +287,7 @@ def audit_cmd(
 def _open_store(store: Path):
     from memlens import store as S
 
-    if not store.is_file():
-        raise MemlensError(f"{store}: no results store")
-    return S.connect(store)
+    return S.connect_readonly(store)
 
 
 @results_app.command("list")
@@ -330,14 +328,17 @@ def results_show(
 def results_export(
     run_ref: str = typer.Argument(..., metavar="RUN", help="run id (or a unique prefix) or name"),
     fmt: str = typer.Option("csv", "--format", help="csv | parquet"),
-    out: Path = typer.Option(..., "--out", help="output file"),
+    out: Path = typer.Option(..., "--out", help="output file (a regular file, replaced if it exists), or - for CSV "
+                             "on standard output"),
     store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store"),
 ) -> None:
     """The per-sample table of a run (id, member, n_tokens, nll_base, nll_ft, score_<attack> ...)."""
     from memlens import store as S
 
     conn = _open_store(store)
-    print(S.export(conn, S.resolve_run(conn, run_ref), fmt, out))
+    path = S.export(conn, S.resolve_run(conn, run_ref), fmt, out)
+    if path is not None:
+        print(path)
 
 
 @data_app.command("inspect", epilog="Example: memlens data inspect phee --path ../shared/data/phee --model smollm2-135m")

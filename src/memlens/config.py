@@ -252,6 +252,17 @@ class RunConfig(_Strict):
             raise ValueError("audit.references: reference adapters need train.method=lora")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        """A run name names a folder inside output_dir; it is never a path (memlens may replace that folder)."""
+        if v is None:
+            return v
+        if not v or len(v) > 200 or v.startswith(".") or any(c in v for c in ("/", "\\", "\0")) or not v.isprintable():
+            raise ValueError(f"run name {v!r}: a plain name (letters, digits, - _ + . ; not starting with a dot, no "
+                             "path separators), not a path: the run folder is OUTPUT_DIR/NAME")
+        return v
+
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the resolved config, without fields that do not change results."""
         d = self.model_dump(mode="json")

@@ -318,13 +318,35 @@ def train_summary(cfg: RunConfig, prep: Prepared, tr: Trained) -> dict[str, Any]
     }
 
 
+def folder_run_id(run_dir: Path) -> str | None:
+    """The config hash of the run a memlens run folder holds (from its summary.json), None for anything else."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())["config_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_run_folder(run_dir: Path, run_id: str, overwrite: bool) -> None:
+    """Before any compute: a folder at ``run_dir`` may be replaced only if it is this same run's folder (same config
+    hash) and ``overwrite`` is set; anything else there is the user's and is refused, untouched."""
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise MemlensError(f"{run_dir}: exists and is not a run folder; memlens never replaces it (set name=... or "
+                           "output_dir=...)")
+    if not run_dir.exists():
+        return
+    if folder_run_id(run_dir) != run_id:
+        raise MemlensError(f"{run_dir}: exists and is not the folder of this run ({run_id[:12]}); memlens never "
+                           "replaces it (set name=... or output_dir=...)")
+    if not overwrite:
+        raise MemlensError(f"{run_dir}: this run's folder exists (pass --overwrite to redo it)")
+
+
 def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> FinetuneResult:
     """Read the data, draw the split, load the model, train, and write the run folder (all or nothing)."""
     from memlens.scoring import score
 
     run_dir = Path(cfg.output_dir) / run_name(cfg)
-    if run_dir.exists() and not overwrite:
-        raise MemlensError(f"{run_dir}: run folder exists (pass --overwrite, or set name=...)")
+    check_run_folder(run_dir, cfg.config_hash(), overwrite)
     prep = prepare(cfg)
     timings = prep.timings
     members = prep.lm.encode([r.text for r in prep.split.members], cfg.train.add_bos, cfg.train.max_length)
@@ -350,7 +372,11 @@ def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
 
 def write_run_folder(run_dir: Path, cfg: RunConfig, prep: Prepared, tr: Trained, summary: dict,
                      overwrite: bool) -> None:
-    """Write everything into a temporary folder, then move it into place: an interrupted run leaves nothing."""
+    """Write everything into a temporary folder, then move it into place: an interrupted run leaves nothing.
+
+    An existing folder is replaced only when it is this same run's folder and ``overwrite`` is set (checked again
+    here, as before the compute); it is moved aside first and removed only once the new folder is in place."""
+    check_run_folder(run_dir, cfg.config_hash(), overwrite)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.tmp-"))
     try:
@@ -363,9 +389,13 @@ def write_run_folder(run_dir: Path, cfg: RunConfig, prep: Prepared, tr: Trained,
         else:
             tr.model.save_pretrained(tmp / "model", safe_serialization=True)
             prep.lm.tokenizer.save_pretrained(tmp / "model")
-        if run_dir.exists() and overwrite:
-            shutil.rmtree(run_dir)
+        old = None
+        if run_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.old-"))
+            os.replace(run_dir, old / run_dir.name)
         os.replace(tmp, run_dir)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

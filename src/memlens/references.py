@@ -117,8 +117,8 @@ def plan(cfg: RunConfig, pool: list[Record], audited: list[Record], n_train: int
     if rc.mode == "offline":
         size = min(n_train, len(rest))
         if size < n_train:
-            notes.append(f"the population leaves {len(rest)} records to train on, fewer than the {n_train} members of the run "
-                         f"audited: each reference trains on all of them for the run's {steps} steps")
+            notes.append(f"the population leaves {len(rest)} records to train on, fewer than the {n_train} members "
+                         f"of the run audited: each reference trains on all of them for the run's {steps} steps")
         draws = [sorted(rng.sample(range(len(rest)), size)) for _ in range(k)]
         train = [[rest[i] for i in d] for d in draws]
         in_pool = np.zeros((len(rest), k), dtype=bool)

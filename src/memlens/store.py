@@ -52,12 +52,54 @@ CREATE INDEX IF NOT EXISTS metrics_run ON metrics (run_id);
 _TABLES = ("runs", "samples", '"values"', "generations", "metrics")
 
 
+_COLUMNS = {"runs": {"run_id", "config_json", "summary_json"}, "samples": {"run_id", "sample_id", "member"},
+            "values": {"run_id", "sample_id", "name", "value"}, "generations": {"run_id", "sample_id", "decoding"},
+            "metrics": {"run_id", "name", "subject", "value"}}
+
+
+def _check_memlens_store(conn: sqlite3.Connection, path: Path, empty_ok: bool) -> None:
+    """Refuse a SQLite file that holds tables other than a memlens store's (another program's database)."""
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise MemlensError(f"{path}: not a memlens results store ({e})") from None
+    if not tables and empty_ok:
+        return
+    for t, cols in _COLUMNS.items():
+        have = {r[1] for r in conn.execute(f'PRAGMA table_info("{t}")')} if t in tables else set()
+        if not cols <= have:
+            conn.close()
+            raise MemlensError(f"{path}: not a memlens results store (no table {t!r} with columns "
+                               f"{', '.join(sorted(cols))}); memlens leaves it untouched")
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
+    """Open (or create) a store for writing; a SQLite file that is not a memlens store is refused, unchanged."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise MemlensError(f"{path}: not a file (a results store is one SQLite file)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=60)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
+    try:
+        conn = sqlite3.connect(path, timeout=60)
+        _check_memlens_store(conn, path, empty_ok=True)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+    except sqlite3.Error as e:
+        raise MemlensError(f"{path}: cannot open the results store ({e})") from None
+    return conn
+
+
+def connect_readonly(path: str | Path) -> sqlite3.Connection:
+    """Open a store for reading only: nothing is created or changed, and a file that is not a store is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemlensError(f"{path}: no results store")
+    try:
+        conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise MemlensError(f"{path}: cannot open the results store ({e})") from None
+    _check_memlens_store(conn, path, empty_ok=False)
     return conn
 
 
@@ -159,26 +201,55 @@ def sample_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list
     return header, rows
 
 
-def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path) -> Path:
-    """Write the per-sample table to CSV or Parquet (written to a temporary name, then renamed)."""
-    header, rows = sample_table(conn, run_id)
+def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path) -> Path | None:
+    """Write the per-sample table to CSV or Parquet; ``out`` = ``-`` writes CSV to standard output.
+
+    The file is written under a temporary name beside ``out`` (user-only), then renamed onto it; an existing ``out``
+    is replaced only when it is a regular file (a folder, a symbolic link or a device is refused, untouched).
+    """
+    import os
+    import sys
+    import tempfile
+
+    if fmt not in ("csv", "parquet"):
+        raise MemlensError(f"unknown export format {fmt!r}: expected csv or parquet")
+    if str(out) == "-":
+        if fmt != "csv":
+            raise MemlensError("--out -: only CSV can be written to standard output")
+        header, rows = sample_table(conn, run_id)
+        w = csv.writer(sys.stdout)
+        w.writerow(header)
+        w.writerows(rows)
+        return None
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if fmt == "csv":
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-    elif fmt == "parquet":
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        kind = "a symbolic link" if out.is_symlink() else "a folder" if out.is_dir() else "not a regular file"
+        raise MemlensError(f"{out}: {kind}; memlens replaces only a regular file (choose a file path, or - for "
+                           "standard output)")
+    if fmt == "parquet":
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise MemlensError("Parquet export needs pyarrow: pip install 'memlens[parquet]'") from None
-        cols = {h: [r[i] for r in rows] for i, h in enumerate(header)}
-        pq.write_table(pa.table(cols), tmp)
-    else:
-        raise MemlensError(f"unknown export format {fmt!r}: expected csv or parquet")
-    tmp.replace(out)
+    header, rows = sample_table(conn, run_id)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as e:
+        raise MemlensError(f"{out}: cannot write there ({e.strerror})") from None
+    try:
+        if fmt == "csv":
+            with os.fdopen(fd, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows(rows)
+        else:
+            os.close(fd)
+            cols = {h: [r[i] for r in rows] for i, h in enumerate(header)}
+            pq.write_table(pa.table(cols), tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out

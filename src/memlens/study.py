@@ -181,7 +181,9 @@ def _worker(cfg_json: dict[str, Any], study: str, threads: int | None = None) ->
         torch.set_num_threads(threads)
     from memlens.audit import compute_run
 
-    return compute_run(RunConfig.model_validate(cfg_json), progress=False, study=study)
+    # a run not in the study's store is redone; a folder of that same run (left by a kill between the folder and the
+    # store write) is the study's own output and is replaced; any other folder is refused
+    return compute_run(RunConfig.model_validate(cfg_json), progress=False, study=study, overwrite=True)
 
 
 def done_runs(db: Path) -> set[str]:

@@ -251,7 +251,8 @@ def formatted_canaries(corpus: Corpus, cfg: DataConfig) -> tuple[list[tuple[Reco
     for i, v in enumerate(values):
         text = fmt.render(v)
         if text in texts:
-            raise MemlensError("data.canary.formatted: a canary equals a corpus text; change data.canary.formatted.seed")
+            raise MemlensError("data.canary.formatted: a canary equals a corpus text; change "
+                               "data.canary.formatted.seed")
         out.append((Record(f"canary-{i:03d}", text, "canary"), spec.repeats[i // spec.per_repeat]))
     return out, fmt
 

@@ -130,6 +130,6 @@ def texts(conn: sqlite3.Connection, run_id: str) -> dict[str, str]:
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
-    if not Path(path).is_file():
-        raise MemlensError(f"{path}: no results store")
-    return sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    from memlens.store import connect_readonly as open_store
+
+    return open_store(path)
