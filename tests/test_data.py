@@ -236,10 +236,11 @@ def test_overlap_policy_drop_and_error(tmp_path):
         make_split(load_corpus(cfg), cfg.model_copy(update={"overlap": "error"}))
 
 
-def test_manifest_holds_hashes_not_text():
+def test_manifest_holds_no_text_nor_a_per_record_hash():
     cfg = _cfg(source="synthetic", synthetic_size=200, members={"n": 50}, nonmembers={"n": 20})
     split = make_split(load_corpus(cfg), cfg)
     blob = json.dumps(split.manifest)
     assert split.members[0].text not in blob
-    assert split.manifest["members"][0] == [split.members[0].id, split.members[0].text_hash]
+    assert split.manifest["members"][0] == split.members[0].id
+    assert not any(r.text_hash in json.dumps(split.manifest) for r in split.members + split.nonmembers)
     assert split.manifest["counts"]["members"] == 50 and split.manifest["seed"] == 0

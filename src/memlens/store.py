@@ -9,6 +9,10 @@ values       per run and record, long format: name (nll_base, nll_ft, ppl_ft, mi
 generations  per run, record, decoding and sample: prefix/suffix lengths, similarity measures, generated-text
              perplexity (and the generated text only when asked)
 metrics      per run: name (auc, tpr@0.01 ...), subject (an attack or a measure), value, interval, details (JSON)
+meta         the store's own settings: its secret key for text hashes
+
+Text hashes are keyed: ``samples.text_hash`` is HMAC-SHA256 of the text's SHA-256 under a random key made with the
+store and kept in it (never exported), so a reader of an export cannot hash a guessed sentence and look it up.
 
 A run is written in one transaction: an interrupted write leaves no rows of it.
 """
@@ -16,7 +20,11 @@ A run is written in one transaction: an interrupted write leaves no rows of it.
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import json
+import os
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -45,6 +53,7 @@ CREATE TABLE IF NOT EXISTS generations (
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT, name TEXT, subject TEXT, value REAL, lo REAL, hi REAL, details_json TEXT
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE INDEX IF NOT EXISTS values_run ON "values" (run_id);
 CREATE INDEX IF NOT EXISTS generations_run ON generations (run_id);
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics (run_id);
@@ -81,13 +90,37 @@ def connect(path: str | Path) -> sqlite3.Connection:
         raise MemlensError(f"{path}: not a file (a results store is one SQLite file)")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        new = not path.exists()
+        if new:  # user-only from its first byte: the store may hold raw text (audit.include_text)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         conn = sqlite3.connect(path, timeout=60)
         _check_memlens_store(conn, path, empty_ok=True)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
+        _text_key(conn)
     except sqlite3.Error as e:
         raise MemlensError(f"{path}: cannot open the results store ({e})") from None
+    except OSError as e:
+        raise MemlensError(f"{path}: cannot create the results store ({e.strerror})") from None
     return conn
+
+
+def _keyed(key: str, text_hash: str | None) -> str | None:
+    return None if text_hash is None else hmac.new(bytes.fromhex(key), text_hash.encode(), hashlib.sha256).hexdigest()
+
+
+def _text_key(conn: sqlite3.Connection) -> str:
+    """The store's secret key for text hashes; made on first use. A store written before keys existed has its
+    plain hashes replaced by keyed ones then, in one transaction."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'text_key'").fetchone()
+    if row:
+        return row[0]
+    key = secrets.token_hex(32)
+    with transaction(conn):
+        conn.execute("INSERT INTO meta VALUES ('text_key', ?)", (key,))
+        rows = conn.execute("SELECT rowid, text_hash FROM samples").fetchall()
+        conn.executemany("UPDATE samples SET text_hash = ? WHERE rowid = ?", [(_keyed(key, h), r) for r, h in rows])
+    return key
 
 
 def connect_readonly(path: str | Path) -> sqlite3.Connection:
@@ -132,6 +165,7 @@ def write_run(conn: sqlite3.Connection, run: dict[str, Any], samples: list[tuple
     ``generations``: tuples in the column order of the table after run_id; ``metrics``: (name, subject, value, lo,
     hi, details_dict).
     """
+    key = _text_key(conn)
     with transaction(conn):
         if run_exists(conn, run["run_id"]):
             if not replace:
@@ -144,7 +178,8 @@ def write_run(conn: sqlite3.Connection, run: dict[str, Any], samples: list[tuple
              json.dumps(run["timings"]), json.dumps(run.get("summary", {}))),
         )
         rid = run["run_id"]
-        conn.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?)", [(rid, *s) for s in samples])
+        conn.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?)",
+                         [(rid, sid, m, _keyed(key, th), *rest) for sid, m, th, *rest in samples])
         conn.executemany('INSERT INTO "values" VALUES (?,?,?,?)', ((rid, *v) for v in values))
         conn.executemany("INSERT INTO generations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          ((rid, *g) for g in generations))
@@ -186,18 +221,19 @@ def get_run(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
 
 
 def sample_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list[list[Any]]]:
-    """The run's per-sample table: id, member, text hash, canary copies, then one column per value name."""
+    """The run's per-sample table: id, member, canary copies, then one column per value name (no text hash, keyed
+    or not: an export never carries anything computed from a text)."""
     names = [r[0] for r in conn.execute('SELECT DISTINCT name FROM "values" WHERE run_id = ? ORDER BY name',
                                         (run_id,))]
     front = ["n_tokens", "nll_base", "nll_ft"]
     names = [n for n in front if n in names] + [n for n in names if n not in front]
-    samples = conn.execute("SELECT sample_id, member, text_hash, canary_copies FROM samples WHERE run_id = ? "
+    samples = conn.execute("SELECT sample_id, member, canary_copies FROM samples WHERE run_id = ? "
                            "ORDER BY rowid", (run_id,)).fetchall()
     vals: dict[tuple[str, str], float] = {
         (s, n): v for s, n, v in conn.execute('SELECT sample_id, name, value FROM "values" WHERE run_id = ?', (run_id,))
     }
-    header = ["id", "member", "text_hash", "canary_copies", *names]
-    rows = [[sid, member, th, cc, *(vals.get((sid, n)) for n in names)] for sid, member, th, cc in samples]
+    header = ["id", "member", "canary_copies", *names]
+    rows = [[sid, member, cc, *(vals.get((sid, n)) for n in names)] for sid, member, cc in samples]
     return header, rows
 
 

@@ -258,7 +258,8 @@ def formatted_canaries(corpus: Corpus, cfg: DataConfig) -> tuple[list[tuple[Reco
 
 
 def build_manifest(corpus: Corpus, cfg: DataConfig, split: Split, m_split: str, n_split: str) -> dict[str, Any]:
-    """Ids and text hashes of everything used (never the raw text), counts, seed, and the manifest's own hash."""
+    """Ids of everything used (never the raw text, nor a hash of one record's text), a digest of each list, counts,
+    seed, and the manifest's own hash."""
     body = {
         "source": corpus.source,
         "files": corpus.files,
@@ -276,8 +277,12 @@ def build_manifest(corpus: Corpus, cfg: DataConfig, split: Split, m_split: str, 
         },
         "canaries": split.canaries,
         "formatted_canaries": {r.id: copies for r, copies in split.formatted},
-        "members": [[r.id, r.text_hash] for r in split.members],
-        "nonmembers": [[r.id, r.text_hash] for r in split.nonmembers],
+        # ids only, and one digest of each whole list: a per-record hash of the text beside its role would let a
+        # reader who guesses a sentence test whether it was trained on
+        "members": [r.id for r in split.members],
+        "nonmembers": [r.id for r in split.nonmembers],
+        "members_digest": json_hash([[r.id, r.text_hash] for r in split.members]),
+        "nonmembers_digest": json_hash([[r.id, r.text_hash] for r in split.nonmembers]),
         "train": [r.id for r in split.train],
         "displaced": [r.id for r in split.displaced],
         "overlaps": [[o.a_id, o.b_id, o.kind, o.similarity] for o in split.overlaps],
