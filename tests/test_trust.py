@@ -18,16 +18,8 @@ BASE = ["model=tiny", "data.source=synthetic", "data.synthetic_size=300", "data.
         "audit.extraction=null", "audit.blind=false"]
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "memlens", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
-def _one_line_error(p, *words):
-    assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    for w in words:
-        assert w in p.stderr, p.stderr
+from cli_helpers import cli as _cli  # noqa: E402
+from cli_helpers import one_line_error as _one_line_error  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["/some/folder", ".", "..", "a/b", ".hidden", "x\\y"])

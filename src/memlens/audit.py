@@ -260,7 +260,8 @@ class ExposureInputs:
         split = prep.split
         texts = [r.text for r, _ in split.formatted]
         cands = candidate_texts(split.canary_format, texts, cfg.audit.exposure.candidates, cfg.audit.exposure.seed)
-        seqs = prep.lm.encode(texts + cands, cfg.train.add_bos, cfg.train.max_length)
+        seqs = prep.lm.encode(texts + cands, cfg.train.add_bos, cfg.train.max_length, cfg.train.too_long,
+                              "canary")
         base = cached_score(prep.lm, prep.lm.model, seqs, cfg.audit, prep.pad_id, progress, min_k_pp=False,
                             label="score canaries (base)").sum_nll
         return cls([(r.id, n) for r, n in split.formatted], split.canary_format, seqs, base,
@@ -310,7 +311,8 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     prep = prepare(cfg)
     timings = dict(prep.timings)
     records, member = _audit_records(prep.split)
-    seqs = prep.lm.encode([r.text for r in records], cfg.train.add_bos, cfg.train.max_length)
+    seqs = prep.lm.encode([r.text for r in records], cfg.train.add_bos, cfg.train.max_length, cfg.train.too_long,
+                          "audited")
     t = time.perf_counter()
     base = cached_score(prep.lm, prep.lm.model, seqs, cfg.audit, prep.pad_id, progress)  # before the adapter
     timings["score_base_s"] = time.perf_counter() - t
@@ -354,20 +356,40 @@ def store_record(db: Path, record: dict[str, Any], replace: bool = False) -> Non
         conn.close()
 
 
-def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, study: str | None = None) -> RunResult:
-    """Fine-tune one configuration, audit it, write the run folder and the store."""
-    from memlens import store as S
+def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
+               study: str | None = None) -> RunResult:
+    """Fine-tune one configuration, audit it, write the run folder and the store (checked first, created last)."""
+    from memlens.preflight import check_run
 
     db = store_path(cfg)
-    conn = S.connect(db)
-    exists = S.run_exists(conn, cfg.config_hash())
-    conn.close()
-    if exists and not overwrite:
-        raise MemlensError(f"run {cfg.config_hash()[:12]} is already in {db} (pass --overwrite to redo it)")
+    check_run(cfg, overwrite=overwrite)
     record = compute_run(cfg, progress=progress, study=study, overwrite=overwrite)
     store_record(db, record, replace=overwrite)
     summary = record["run"]["summary"]
     return RunResult(record["run"]["run_id"], db, Path(summary["run_dir"]), summary)
+
+
+def _drop_overlaps(members: list[Record], nonmembers: list[Record], overlap: str, where: str) -> list[Record]:
+    """Non-members that repeat a member (the same text under another id, or nearly) are handled as ``memlens run``
+    handles them (``data.overlap``): dropped with a warning (default), only warned about, or refused."""
+    from memlens.data.splits import find_overlaps
+
+    found = find_overlaps(members, nonmembers)
+    if not found:
+        return nonmembers
+    ids = sorted({o.b_id for o in found})
+    msg = (f"{where}: {len(ids)} non-member(s) duplicate a member ({sum(o.kind == 'exact' for o in found)} "
+           f"exact): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
+    if overlap == "error":
+        raise MemlensError(msg)
+    if overlap == "warn":
+        log.warning(msg)
+        return nonmembers
+    log.warning("%s; dropped from the non-members", msg)
+    kept = [r for r in nonmembers if r.id not in set(ids)]
+    if not kept:
+        raise MemlensError(f"{msg}: no non-member is left")
+    return kept
 
 
 def _read_records(path: str) -> list[Record]:
@@ -379,7 +401,8 @@ def _read_records(path: str) -> list[Record]:
 
 def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonmembers_file: str, cfg: AuditConfig,
                   *, db: Path, dtype: str = "float32", device: str = "cpu", add_bos: bool = True,
-                  trust_remote_code: bool = False, overwrite: bool = False, name: str | None = None) -> RunResult:
+                  trust_remote_code: bool = False, overwrite: bool = False, name: str | None = None,
+                  overlap: str = "drop") -> RunResult:
     """Audit an adapter trained elsewhere: ``model_name`` is the base model (the reference), ``adapter`` the peft
     folder (safetensors), and the two files hold the member and non-member texts (JSONL or CSV with ``text``).
     Without an adapter the base model is audited against itself (a control: every AUC near 0.5)."""
@@ -401,20 +424,33 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
     clash = {r.id for r in members} & {r.id for r in nonmembers}
     if clash:
         raise MemlensError(f"{nonmembers_file}: ids also in {members_file}: {', '.join(sorted(clash)[:5])}")
+    nonmembers = _drop_overlaps(members, nonmembers, overlap, nonmembers_file)
     records = members + nonmembers
     member = np.array([1] * len(members) + [0] * len(nonmembers))
     files = {"members": file_sha256(Path(members_file)), "nonmembers": file_sha256(Path(nonmembers_file))}
     if adapter_dir is not None:
         files["adapter"] = file_sha256(adapter_dir / "adapter_model.safetensors")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise MemlensError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    if overlap not in ("drop", "warn", "error"):
+        raise MemlensError(f"--overlap {overlap!r}: expected drop, warn or error")
     config = {"model": model_name, "adapter": str(adapter_dir) if adapter_dir else None, "files": files,
               "dtype": dtype, "add_bos": add_bos, "audit": cfg.model_dump(mode="json")}
+    if overlap != "drop":
+        config["overlap"] = overlap
     run_id = json_hash(config)
-    conn = S.connect(db)
-    if S.run_exists(conn, run_id) and not overwrite:
-        raise MemlensError(f"run {run_id[:12]} is already in {db} (pass --overwrite to redo it)")
+    from memlens.paths import cache_dir
+    from memlens.preflight import check_store, check_writable
+
+    check_store(db, run_id, overwrite)
+    check_writable(cache_dir(), "cache")
     t0 = time.perf_counter()
     lm = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    seqs = lm.encode([r.text for r in records], add_bos)
+    if adapter_dir is not None:
+        from memlens.models import check_adapter_base
+
+        check_adapter_base(lm, adapter_dir)  # before any scoring
+    seqs = lm.encode([r.text for r in records], add_bos, what="audited")
     pad_id = lm.pad_id
     t = time.perf_counter()
     base = cached_score(lm, lm.model, seqs, cfg, pad_id, progress=True)
@@ -432,6 +468,7 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
                                "nonmembers": [[r.id, r.text_hash] for r in nonmembers]})
     summary = {**out.summary, "versions": versions(), "model": lm.info, "config_hash": run_id,
                "manifest_hash": manifest_hash, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    conn = S.connect(db)
     S.write_run(conn, {"run_id": run_id, "name": name or f"audit-{run_id[:8]}", "config": config,
                        "config_hash": run_id, "manifest_hash": manifest_hash, "versions": summary["versions"],
                        "seed": cfg.extraction.seed if cfg.extraction else 0, "timings": summary["timings_s"],

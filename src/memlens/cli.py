@@ -32,6 +32,12 @@ app.add_typer(results_app, name="results")
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show the Python traceback of an error")) -> None:
+    _DEBUG["on"] = debug
 
 
 def _setup_logging(quiet: bool = False) -> None:
@@ -265,9 +271,11 @@ def audit_cmd(
                                           "a run config, with or without the audit: key)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the audit settings, e.g. "
                                                     "extraction.n=64 (a leading audit. is accepted)"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     overwrite: bool = typer.Option(False, "--overwrite", help="redo an audit already in the store"),
     name: Optional[str] = typer.Option(None, "--name", help="a name for the run in the store"),
+    overlap: str = typer.Option("drop", "--overlap", help="non-members that duplicate a member (the same text under "
+                                "another id, or nearly): drop | warn | error, as data.overlap of memlens run"),
 ) -> None:
     """Audit an adapter trained elsewhere against its base model."""
     from memlens.audit import audit_adapter
@@ -280,7 +288,7 @@ def audit_cmd(
     raw = deep_merge(raw, parse_overrides([o.removeprefix("audit.") for o in overrides or []]))
     cfg = validate(raw, AuditConfig, where=str(config) if config else "audit settings")
     res = audit_adapter(model, adapter, members, nonmembers, cfg, db=store, dtype=dtype, overwrite=overwrite,
-                        name=name)
+                        name=name, overlap=overlap)
     print_audit_summary(res.summary, f"audit {res.run_id[:12]}")
     console.print(f"store: {res.store}", soft_wrap=True)
 
@@ -433,14 +441,28 @@ def main() -> None:
     # everything memlens writes (stores, run folders, exports, reports, caches) is for the user alone: files 0600,
     # folders 0700; the processes it starts (study workers) inherit this
     os.umask(0o077)
+    def fail(message: str, code: int = 2) -> None:
+        err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(code)
+
     try:
         app()
     except MemlensError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        if _DEBUG["on"]:
+            raise
+        fail(str(e).replace("\n", "; "))  # one line, even when a config has several errors
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as e:  # a file or folder memlens could not read or write (permissions, disk full, ...)
+        if _DEBUG["on"]:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        fail(f"{where}{e.strerror or e}")
+    except Exception as e:  # a bug in memlens, or a library's complaint memlens did not foresee
+        if _DEBUG["on"]:
+            raise
+        fail(f"{type(e).__name__}: {e} (run again with --debug for the traceback)", code=1)
 
 
 if __name__ == "__main__":

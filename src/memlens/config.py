@@ -139,6 +139,9 @@ class TrainConfig(_Strict):
         "Trainer's group_by_length); random: plain shuffled batches (the paper's Trainer default)")
     add_bos: bool = Field(True, description="prepend the BOS token (the paper's default); it is never a target")
     max_length: int | None = Field(None, ge=2, description="truncate longer sequences (tokens, BOS included)")
+    too_long: Literal["truncate", "error"] = Field(
+        "truncate", description="texts longer than max_length or the model's context: cut them (counted in the "
+        "log) or refuse the run")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     eval_members: bool = Field(True, description="score the members' mean NLL before and after training")
 
@@ -269,6 +272,8 @@ class RunConfig(_Strict):
         for k in ("name", "output_dir", "store"):
             d.pop(k)
         # settings added later leave earlier run ids unchanged at their defaults
+        if d["train"].get("too_long") == "truncate":
+            d["train"].pop("too_long")
         for key, default in (("references", None), ("blind", True),
                              ("exposure", ExposureConfig().model_dump(mode="json"))):
             if d["audit"].get(key) == default:
@@ -340,14 +345,33 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let PyYAML say what is wrong with it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MemlensError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as e:
         raise MemlensError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise MemlensError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -243,6 +243,7 @@ class Trained:
     modules: dict[str, list[str]]
     changed: bool | None
     seconds: float
+    base: dict[str, Any] | None = None  # the base model an adapter was trained on (memlens_base.json)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -258,7 +259,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     t = time.perf_counter()
     lm = load_model(cfg.model, dtype=cfg.train.dtype, device=resolve_device(cfg.train.device),
                     trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
-    train_ids = lm.encode([r.text for r in split.train], cfg.train.add_bos, cfg.train.max_length)
+    if cfg.train.method == "lora":
+        resolve_targets(lm.model, list(cfg.lora.targets))  # a target the architecture lacks: refused before any work
+    train_ids = lm.encode([r.text for r in split.train], cfg.train.add_bos, cfg.train.max_length, cfg.train.too_long,
+                          "training")
     if any(len(s) < 2 for s in train_ids):
         raise MemlensError("a training text has fewer than 2 tokens (nothing to predict); check the data")
     timings["model_s"] = time.perf_counter() - t
@@ -269,7 +273,11 @@ def train(cfg: RunConfig, prep: Prepared, progress: bool = True) -> Trained:
     """Attach a fresh adapter (or unfreeze every weight) and train on the training list."""
     import torch
 
+    base = None
     if cfg.train.method == "lora":
+        from memlens.models import base_record
+
+        base = base_record(prep.lm, resolve_targets(prep.lm.model, list(cfg.lora.targets)))
         model, target_map = apply_lora(prep.lm, cfg.lora, cfg.train.seed)
         trainable = trainable_by_target(model, target_map)
         scalings = sorted(lora_scalings(model))
@@ -287,7 +295,7 @@ def train(cfg: RunConfig, prep: Prepared, progress: bool = True) -> Trained:
         changed = any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
         if not changed:
             log.warning("the adapter's B matrices are still zero after training: it is identical to the base model")
-    return Trained(model, rows, trainable, scalings, modules, changed, seconds)
+    return Trained(model, rows, trainable, scalings, modules, changed, seconds, base)
 
 
 def train_summary(cfg: RunConfig, prep: Prepared, tr: Trained) -> dict[str, Any]:
@@ -345,11 +353,17 @@ def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     """Read the data, draw the split, load the model, train, and write the run folder (all or nothing)."""
     from memlens.scoring import score
 
+    from memlens.paths import cache_dir
+    from memlens.preflight import check_writable
+
     run_dir = Path(cfg.output_dir) / run_name(cfg)
     check_run_folder(run_dir, cfg.config_hash(), overwrite)
+    check_writable(Path(cfg.output_dir), "output_dir")
+    check_writable(cache_dir(), "cache")
     prep = prepare(cfg)
     timings = prep.timings
-    members = prep.lm.encode([r.text for r in prep.split.members], cfg.train.add_bos, cfg.train.max_length)
+    members = prep.lm.encode([r.text for r in prep.split.members], cfg.train.add_bos, cfg.train.max_length,
+                             cfg.train.too_long)
 
     def member_nll(model) -> float | None:
         if not cfg.train.eval_members:
@@ -386,6 +400,7 @@ def write_run_folder(run_dir: Path, cfg: RunConfig, prep: Prepared, tr: Trained,
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.train.method == "lora":
             tr.model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            (tmp / "adapter" / "memlens_base.json").write_text(json.dumps(tr.base, indent=1))
         else:
             tr.model.save_pretrained(tmp / "model", safe_serialization=True)
             prep.lm.tokenizer.save_pretrained(tmp / "model")

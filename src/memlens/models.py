@@ -171,15 +171,37 @@ class LoadedModel:
             return self.tokenizer.pad_token_id
         return self.bos_id if self.bos_id is not None else 0
 
-    def encode(self, texts: list[str], add_bos: bool = True, max_length: int | None = None) -> list[list[int]]:
-        """Token ids of each text: no special tokens from the tokenizer, the BOS prepended when asked."""
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes (its position table), None when the config does not say."""
+        cfg = self.model.config
+        n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return int(n) if n else None
+
+    def encode(self, texts: list[str], add_bos: bool = True, max_length: int | None = None,
+               too_long: str = "truncate", what: str = "") -> list[list[int]]:
+        """Token ids of each text: no special tokens from the tokenizer, the BOS prepended when asked.
+
+        Sequences longer than ``max_length`` or the model's context are cut to the shorter of the two
+        (``too_long="truncate"``, with a warning that counts them) or refused (``"error"``)."""
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         if add_bos:
             if self.bos_id is None:
                 raise MemlensError(f"model {self.name}: its tokenizer has no BOS or EOS token to prepend")
             ids = [[self.bos_id, *x] for x in ids]
-        if max_length is not None:
-            ids = [x[:max_length] for x in ids]
+        limits = [x for x in (max_length, self.context_length) if x]
+        if limits:
+            limit = min(limits)
+            long = [i for i, x in enumerate(ids) if len(x) > limit]
+            if long:
+                why = (f"train.max_length {max_length}" if max_length == limit else
+                       f"the context of {self.name} ({limit} tokens)")
+                msg = (f"{len(long)} {what + ' ' if what else ''}text(s) longer than {why}, the longest "
+                       f"{max(len(ids[i]) for i in long)} tokens")
+                if too_long == "error":
+                    raise MemlensError(f"{msg}: set train.too_long=truncate to cut them, or shorten them")
+                log.warning("%s: cut to %d tokens", msg, limit)
+                ids = [x[:limit] for x in ids]
         return ids
 
 
@@ -429,3 +451,66 @@ def build_tiny(arch: str = "llama", seed: int = 0) -> LoadedModel:
     name = "tiny" if arch == "llama" else "tiny-gpt2"
     info = {**_info(model, f"random {arch} built in-process", "float32"), "identity": f"tiny:{arch}:seed={seed}"}
     return LoadedModel(name, model, tok, tok.bos_token_id, info)
+
+
+# ----------------------------------------------------------------------------------------------- adapter provenance
+
+
+def weight_fingerprint(model: Any, names: list[str]) -> str:
+    """sha256 of the first 256 values (as float32) of each named module's frozen weight: different base weights of
+    the same shape give a different fingerprint. Recorded with every adapter memlens trains."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for n in sorted(names):
+        w = model.get_submodule(n).weight.detach().reshape(-1)[:256].to(torch.float32).cpu().numpy()
+        h.update(n.encode())
+        h.update(w.tobytes())
+    return h.hexdigest()
+
+
+def base_record(lm: LoadedModel, target_map: dict[str, list[str]]) -> dict[str, Any]:
+    """What an adapter's ``memlens_base.json`` says of the base it was trained on."""
+    names = [n for ns in target_map.values() for n in ns]
+    return {"model": lm.info.get("identity", lm.info.get("source")),
+            "shapes": {n: list(module_shape(lm.model, n)) for n in names},
+            "fingerprint": weight_fingerprint(lm.model, names)}
+
+
+def check_adapter_base(lm: LoadedModel, adapter_dir: Path) -> None:
+    """Refuse an adapter that was not trained on this base model: its LoRA matrices must fit the base's modules
+    (read from the safetensors header, before anything is loaded), and when memlens trained it, the weight
+    fingerprint it recorded must match."""
+    from safetensors import safe_open
+
+    modules = dict(lm.model.named_modules())
+    try:
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # a corrupt or truncated file
+        raise MemlensError(f"{adapter_dir}/adapter_model.safetensors: not a readable safetensors file ({e})") from None
+    for key, shape in shapes.items():
+        m = re.match(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
+        if not m:
+            continue
+        name, which = m.groups()
+        if name not in modules:
+            raise MemlensError(f"{adapter_dir}: the adapter adapts {name}, which this base model "
+                               f"({lm.name}) does not have: it was trained on another architecture")
+        fan_in, fan_out = module_shape(lm.model, name)
+        if (which == "A" and shape[1] != fan_in) or (which == "B" and shape[0] != fan_out):
+            raise MemlensError(f"{adapter_dir}: its {name} matrices ({key} {shape}) do not fit this base model's "
+                               f"({fan_in} in, {fan_out} out): it was trained on another base model")
+    rec = adapter_dir / "memlens_base.json"
+    if rec.is_file():
+        try:
+            want = json.loads(rec.read_text())
+        except ValueError:
+            raise MemlensError(f"{rec}: not valid JSON") from None
+        names = list(want.get("shapes", {}))
+        if names and all(n in modules for n in names) and weight_fingerprint(lm.model, names) != want.get(
+                "fingerprint"):
+            raise MemlensError(f"{adapter_dir}: trained on a base model with other weights ({want.get('model')}) "
+                               f"than {lm.name}: its audit against this base would mean nothing")

@@ -159,7 +159,7 @@ def train_reference(lm: Any, cfg: RunConfig, spec: dict[str, Any], ref_hash: str
     if (folder / "adapter_model.safetensors").is_file():
         return 0.0
     tcfg = TrainConfig.model_validate(spec["train"])
-    seqs = lm.encode([r.text for r in records], tcfg.add_bos, tcfg.max_length)
+    seqs = lm.encode([r.text for r in records], tcfg.add_bos, tcfg.max_length, tcfg.too_long)
     t = time.perf_counter()
     model, _ = apply_lora(lm, cfg.lora, tcfg.seed)
     try:
@@ -184,7 +184,9 @@ def train_reference(lm: Any, cfg: RunConfig, spec: dict[str, Any], ref_hash: str
 
 
 def encode(lm: Any, cfg: RunConfig, records: list[Record]) -> list[list[int]]:
-    return lm.encode([r.text for r in records], cfg.train.add_bos, cfg.train.max_length) if records else []
+    if not records:
+        return []
+    return lm.encode([r.text for r in records], cfg.train.add_bos, cfg.train.max_length, cfg.train.too_long)
 
 
 @dataclass

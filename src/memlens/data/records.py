@@ -59,12 +59,25 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: a text longer than this is not a sentence (and would take minutes to tokenize)
+
+
 def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, line)`` of a UTF-8 file, naming the line of any invalid byte."""
+    """Yield ``(line_number, line)`` of a UTF-8 file (a leading byte-order mark is dropped), naming the line of any
+    invalid byte or of a line over :data:`MAX_LINE_BYTES`."""
     if not path.is_file():
         raise MemlensError(f"{path}: file not found")
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise MemlensError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # the UTF-8 byte-order mark some editors and spreadsheet programs write
+            if len(raw) > MAX_LINE_BYTES:
+                raise MemlensError(f"{path}:{lineno}: line of {len(raw):,} bytes (at most {MAX_LINE_BYTES:,}: "
+                                   "records are sentences or short passages)")
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
