@@ -3,10 +3,6 @@ one line naming the thing, exit 2 and nothing written."""
 
 import json
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 

@@ -4,7 +4,7 @@ import torch
 from memlens.config import LoraConfig
 from memlens.errors import MemlensError
 from memlens.finetune import apply_lora, expected_lora_params, lora_scalings, trainable_by_target
-from memlens.models import build_tiny, load_model, module_shape, resolve_targets
+from memlens.models import build_tiny, load_model, resolve_targets
 from memlens.scoring import score
 
 

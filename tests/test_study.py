@@ -1,5 +1,4 @@
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from memlens.errors import MemlensError
-from memlens.study import StudyConfig, load_study, plan, run_study, shipped_studies
+from memlens.study import load_study, plan, run_study, shipped_studies
 
 STUDY = """
 name: t

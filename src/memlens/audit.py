@@ -11,7 +11,6 @@ Both end in one transaction of the results store (see :mod:`memlens.store`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -26,7 +25,7 @@ import numpy as np
 
 from memlens import metrics as M
 from memlens.attacks import attack_scores
-from memlens.config import AuditConfig, RunConfig, dump_yaml
+from memlens.config import AuditConfig, RunConfig
 from memlens.data.records import Record
 from memlens.errors import MemlensError
 from memlens.extraction import Decoding, extract, summarize
