@@ -72,7 +72,7 @@ def test_reference_settings_are_checked_before_anything_runs():
         load_config(None, ["audit.references.cont=2"])
 
 
-def test_references_off_leave_run_ids_unchanged():
+def test_settings_at_their_defaults_leave_run_ids_unchanged():
     # runs stored before references existed keep their ids (a study resumes into the same store)
     a = load_config(None, ["model=tiny"]).config_hash()
     d = load_config(None, ["model=tiny"]).model_dump(mode="json")
@@ -84,6 +84,7 @@ def test_references_off_leave_run_ids_unchanged():
 
     for k in ("name", "output_dir", "store"):
         d.pop(k)
+    d["resolved"] = load_config(None, ["model=tiny"]).resolved()
     assert a == json_hash(d)
     assert load_config(None, ["model=tiny", "audit.references.count=2"]).config_hash() != a
 

@@ -59,7 +59,7 @@ def test_report_files_tables_and_verdict(store, tmp_path):
     assert verdict == verdict_text([{"verdict": v} for v in readings])
     n_low, n_high = readings.count("lower"), readings.count("higher")
     if n_high == 0 and n_low == 0:
-        assert verdict.startswith("Mixed: of 4 paired comparisons") and "4 are not resolved" in verdict
+        assert verdict.startswith("Not resolved: every one of the 4 paired comparisons")
     # raw training text stays out unless asked for
     texts = D.texts(conn, runs[0].run_id)
     assert texts and not any(t in page for t in texts.values())
@@ -108,8 +108,21 @@ def test_verdict_text_by_case():
     assert verdict_text(rows("lower", "lower")).startswith("No, the opposite: in all 2")
     assert verdict_text(rows("lower", "not resolved")).startswith(
         "No: none of the 2 paired comparisons shows a higher AUC for V or O than for Q or K; 1 show")
+    # one comparison: singular throughout
+    assert verdict_text(rows("not resolved")).startswith(
+        "Not resolved: the one paired comparison (V or O against Q or K) has a 95% interval that contains zero")
+    assert verdict_text(rows("higher")).startswith("Yes: in the one paired comparison, adapting V or O")
+    assert "its 95% interval below zero" in verdict_text(rows("lower"))
+    assert verdict_text(rows("lower", "lower", "not resolved")).endswith(
+        "2 show a significantly lower one (the opposite of the paper's finding) and 1 is not resolved (the 95% "
+        "interval contains zero).")
+    assert " 1 shows a significantly higher AUC for V/O, 1 a significantly lower one, and 1 is not resolved" in \
+        verdict_text(rows("higher", "lower", "not resolved"))
+    for case in (rows("higher"), rows("lower"), rows("not resolved"), rows("higher", "not resolved")):
+        text = verdict_text(case)
+        assert not re.search(r"\b1 (are|show|paired comparisons)\b", text), text
     assert verdict_text(rows("higher", "lower", "not resolved")).startswith(
-        "Mixed: of 3 paired comparisons (V or O against Q or K), 1 show a significantly higher AUC for V/O, 1")
+        "Mixed: of 3 paired comparisons (V or O against Q or K), 1 shows a significantly higher AUC for V/O, 1")
 
 
 REF_STUDY = {

@@ -166,29 +166,27 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
     for name, arr in per_sample.items():
         out.values.extend((r.id, name, float(v)) for r, v in zip(records, arr))
 
-    rows, headline = attack_rows(y, scores, cfg.fpr, cfg.bootstrap)
+    # canaries are scored apart: a record repeated on purpose is not a sample of what the fine-tune leaks, and it
+    # must not lift the member-vs-non-member AUC (see canary_rows for how each one ranks)
+    keep = np.array([r.id not in canaries for r in records], dtype=bool)
+    yk = y[keep]
+    rows, headline = attack_rows(yk, {a: s[keep] for a, s in scores.items()}, cfg.fpr, cfg.bootstrap)
     out.metrics.extend(rows)
     blind = None
     if cfg.blind:
-        blind = blind_baseline([r.text for r in records], y)
+        blind = blind_baseline([r.text for r, k in zip(records, keep) if k], yk)
         out.metrics.append(("blind:auc", "blind", blind["auc"], blind["lo"], blind["hi"], blind))
     references = None
     if refs is not None:
-        references = refs.attach(out, records, y, scores, ft, model_ft, cfg, pad_id, progress)
+        references = refs.attach(out, records, y, scores, ft, model_ft, cfg, pad_id, progress, keep)
         headline.update(references.pop("headline"))
-    mem, non = base.subset(y == 1), base.subset(y == 0)
-    ftm, ftn = ft.subset(y == 1), ft.subset(y == 0)
+    canary_summary = canary_rows(out, records, y, keep, scores, canaries)
+    mem, non = base.subset((y == 1) & keep), base.subset(y == 0)
+    ftm, ftn = ft.subset((y == 1) & keep), ft.subset(y == 0)
     ppl = {"members_base": _ppl(mem), "members_ft": _ppl(ftm), "nonmembers_base": _ppl(non),
            "heldout_ft": _ppl(ftn)}
     for k, v in ppl.items():
         out.metrics.append(("perplexity", k, v, None, None, {"token_weighted": True}))
-    # memorization (attack score) against perplexity, over all audited records
-    for a in ("ref_ratio", "loss"):
-        if a in scores:
-            for which, px in (("ppl_ft", ft.perplexity), ("ppl_base", base.perplexity)):
-                for method in ("pearson", "spearman"):
-                    c = M.correlation(px, scores[a], method)
-                    out.metrics.append((method, f"score_{a}~{which}", c.r, c.lo, c.hi, c.as_dict()))
     out.timings["attacks_s"] = time.perf_counter() - t
 
     extraction: list[dict] = []
@@ -196,9 +194,9 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
         t = time.perf_counter()
         ex = cfg.extraction
         rng = random.Random(ex.seed)
-        mem_idx = [i for i in range(len(records)) if y[i] == 1]
+        canary_idx = [i for i in range(len(records)) if records[i].id in canaries]
+        mem_idx = [i for i in range(len(records)) if y[i] == 1 and records[i].id not in canaries]
         non_idx = [i for i in range(len(records)) if y[i] == 0]
-        canary_idx = [i for i in mem_idx if records[i].id in canaries]
         pick_m = mem_idx if ex.n is None or ex.n >= len(mem_idx) else rng.sample(mem_idx, ex.n)
         pick_m = sorted(set(pick_m) | set(canary_idx))
         pick_n = non_idx if ex.n is None or ex.n >= len(non_idx) else rng.sample(non_idx, ex.n)
@@ -215,12 +213,13 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
             out.generations.append((rec.id, int(r.member), r.decoding, r.sample, r.prefix_len, r.suffix_len,
                                     *(r.scores[m] for m in ("ngram_share", "exact", "prefix_match", "rouge_l",
                                                              "edit_sim")), r.gen_ppl, text))
-        extraction = summarize(rows)
+        extraction = summarize(rows, {j for j, i in enumerate(chosen) if records[i].id in canaries})
         for s in extraction:
             out.metrics.append((f"extraction:{s['measure']}", s["decoding"], s["members"], None, None, s))
         # the paper's Fig. 3.4/3.5: memorization (n-gram share) against fine-tuned and base perplexity, members
         for label in dict.fromkeys(r.decoding for r in rows):
-            sel = [r for r in rows if r.decoding == label and r.member and r.sample == 0]
+            sel = [r for r in rows if r.decoding == label and r.member and r.sample == 0
+                   and records[chosen[r.index]].id not in canaries]
             share = np.array([r.scores["ngram_share"] for r in sel])
             pos = [chosen[r.index] for r in sel]
             for which, px in (("ppl_ft", ft.perplexity[pos]), ("ppl_base", base.perplexity[pos])):
@@ -229,12 +228,33 @@ def _audit(lm: LoadedModel, model_ft: Any, base: SampleStats, records: list[Reco
                                     {**c.as_dict(), "r2": c.r * c.r if c.r == c.r else None}))
         out.timings["extraction_s"] = time.perf_counter() - t
     out.summary = {"attacks": headline, "perplexity": ppl, "extraction": extraction,
-                   "n_members": int(y.sum()), "n_nonmembers": int((1 - y).sum())}
+                   "n_members": int(yk.sum()), "n_nonmembers": int((1 - yk).sum())}
+    if canary_summary:
+        out.summary["canaries"] = canary_summary
     if references is not None:
         out.summary["references"] = references
     if blind is not None:
         out.summary["blind"] = blind
     return out
+
+
+def canary_rows(out: AuditOutput, records: list[Record], y: np.ndarray, keep: np.ndarray,
+                scores: dict[str, np.ndarray], canaries: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """How each canary (a member repeated on purpose) ranks under each attack: the share of non-members scored at
+    least as high (its false-positive rate if it were the threshold; 0 = above every non-member)."""
+    summary: dict[str, dict[str, Any]] = {}
+    non = (y == 0) & keep
+    for i, r in enumerate(records):
+        if r.id not in canaries:
+            continue
+        entry: dict[str, Any] = {"copies": canaries[r.id]}
+        for a, s in scores.items():
+            share = float((s[non] >= s[i]).mean())
+            entry[a] = share
+            out.metrics.append(("canary:fpr_rank", f"{a}:{r.id}", share, None, None,
+                                {"copies": canaries[r.id], "n_nonmembers": int(non.sum())}))
+        summary[r.id] = entry
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------------- recipes
@@ -337,7 +357,8 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_run_folder(run_dir, cfg, prep, tr, summary, overwrite=overwrite)
-    run = {"run_id": run_id, "name": run_dir.name, "study": study, "config": cfg.model_dump(mode="json"),
+    run = {"run_id": run_id, "name": run_dir.name, "study": study,
+           "config": {**cfg.model_dump(mode="json"), "resolved": cfg.resolved()},
            "config_hash": run_id, "manifest_hash": prep.split.manifest["hash"], "versions": summary["versions"],
            "seed": cfg.train.seed, "timings": summary["timings_s"], "summary": summary}
     return {"run": run, "samples": out.samples, "values": out.values, "generations": out.generations,

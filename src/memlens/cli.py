@@ -154,11 +154,20 @@ def print_audit_summary(summary: dict, title: str) -> None:
         console.print(e)
     if summary.get("extraction"):
         e = Table(title="extraction (continuation vs true suffix; members - non-members is memorization)")
-        for col in ("decoding", "measure", "members", "non-members", "difference"):
+        for col in ("decoding", "measure", "members", "non-members", "difference (95%)", "n", "canaries"):
             e.add_column(col, justify="right" if col not in ("decoding", "measure") else "left")
         for r in summary["extraction"]:
-            e.add_row(r["decoding"], r["measure"], _fmt(r["members"]), _fmt(r["nonmembers"]), _fmt(r["difference"]))
+            lo, hi = r.get("difference_lo"), r.get("difference_hi")
+            ci = f" ({_fmt(lo)}, {_fmt(hi)})" if lo is not None and lo == lo else ""
+            e.add_row(r["decoding"], r["measure"], _fmt(r["members"]), _fmt(r["nonmembers"]),
+                      _fmt(r["difference"]) + ci, f"{r.get('n_members', '-')} / {r.get('n_nonmembers', '-')}",
+                      _fmt(r.get("canaries")) if r.get("n_canaries") else "-")
         console.print(e)
+    if summary.get("canaries"):
+        for cid, c in summary["canaries"].items():
+            shares = ", ".join(f"{a} {c[a]:.3f}" for a in ("ref_ratio", "loss", "ref_lora") if a in c)
+            console.print(f"canary {cid} (x{c['copies']}, apart from the AUC): share of non-members scored at least "
+                          f"as high: {shares}", soft_wrap=True)
     p = summary["perplexity"]
     console.print(f"perplexity: members base {p['members_base']:.2f} -> fine-tuned {p['members_ft']:.2f}; "
                   f"non-members base {p['nonmembers_base']:.2f}; held-out (non-members) fine-tuned "

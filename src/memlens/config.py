@@ -266,9 +266,26 @@ class RunConfig(_Strict):
                              "path separators), not a path: the run folder is OUTPUT_DIR/NAME")
         return v
 
+    def resolved(self) -> dict[str, str]:
+        """What ``auto`` settings become on this machine: the device and the precisions training and the audit run
+        at. They change the numbers, so they enter the run id and are stored with every run."""
+        from memlens.finetune import resolve_device
+        from memlens.models import resolve_precision
+
+        device = resolve_device(self.train.device)
+
+        def effective(precision: str) -> str:  # weights loaded in half precision run in it whatever is asked
+            half = self.train.dtype in ("bfloat16", "float16")
+            return self.train.dtype if half else resolve_precision(precision, device)
+
+        return {"device": device.split(":")[0], "train_precision": effective(self.train.precision),
+                "audit_precision": effective(self.audit.precision)}
+
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON of the resolved config, without fields that do not change results."""
+        """sha256 of the canonical JSON of the resolved config (``auto`` settings as resolved on this machine, see
+        :meth:`resolved`), without fields that do not change results."""
         d = self.model_dump(mode="json")
+        d["resolved"] = self.resolved()
         for k in ("name", "output_dir", "store"):
             d.pop(k)
         # settings added later leave earlier run ids unchanged at their defaults

@@ -219,15 +219,25 @@ def extract(model: Any, seqs: list[list[int]], members: list[bool], decodings: l
 MEASURES = ("ngram_share", "exact", "prefix_match", "rouge_l", "edit_sim")
 
 
-def summarize(rows: list[ExtractionRow]) -> list[dict[str, Any]]:
-    """Per decoding: mean of each measure for members, for non-members, and the difference."""
+def summarize(rows: list[ExtractionRow], canaries: set[int] = frozenset()) -> list[dict[str, Any]]:
+    """Per decoding and measure: the mean for members, for non-members, and their difference with n and a 95%
+    interval (Welch: difference -+ 1.96 * sqrt(var_m / n_m + var_n / n_n) over the continuations). Continuations of
+    the records whose index is in ``canaries`` are kept apart (their own mean), never among the members."""
     out = []
     for label in dict.fromkeys(r.decoding for r in rows):
         sel = [r for r in rows if r.decoding == label]
         for m in MEASURES:
-            vals = {flag: np.array([r.scores[m] for r in sel if r.member == flag]) for flag in (True, False)}
-            mem = float(vals[True].mean()) if vals[True].size else float("nan")
-            non = float(vals[False].mean()) if vals[False].size else float("nan")
-            out.append({"decoding": label, "measure": m, "members": mem, "nonmembers": non, "difference": mem - non,
-                        "n_members": int(vals[True].size), "n_nonmembers": int(vals[False].size)})
+            mem = np.array([r.scores[m] for r in sel if r.member and r.index not in canaries])
+            non = np.array([r.scores[m] for r in sel if not r.member])
+            can = np.array([r.scores[m] for r in sel if r.index in canaries])
+            mean = {k: float(v.mean()) if v.size else float("nan") for k, v in (("m", mem), ("n", non), ("c", can))}
+            diff = mean["m"] - mean["n"]
+            half = float("nan")
+            if mem.size > 1 and non.size > 1:
+                half = 1.959964 * float(np.sqrt(mem.var(ddof=1) / mem.size + non.var(ddof=1) / non.size))
+            out.append({"decoding": label, "measure": m, "members": mean["m"], "nonmembers": mean["n"],
+                        "difference": diff, "difference_lo": diff - half, "difference_hi": diff + half,
+                        "n_members": int(mem.size), "n_nonmembers": int(non.size),
+                        "canaries": mean["c"] if can.size else None,
+                        "n_canaries": int(can.size)})
     return out

@@ -247,9 +247,10 @@ class ReferenceAudit:
     seconds: float
 
     def attach(self, out: Any, records: list[Record], y: np.ndarray, scores: dict[str, np.ndarray], ft: Any,
-               model_ft: Any, cfg: Any, pad_id: int, progress: bool) -> dict[str, Any]:
+               model_ft: Any, cfg: Any, pad_id: int, progress: bool, keep: np.ndarray | None = None) -> dict[str, Any]:
         """Score z under the audited model, add the reference attacks' per-record scores and metrics to ``out``
-        (and to ``scores``), and return the summary of the references (with a ``headline`` per new attack)."""
+        (and to ``scores``), and return the summary of the references (with a ``headline`` per new attack).
+        ``keep`` selects the records the metrics count (canaries are scored, never counted)."""
         from memlens.attacks import lira_offline, lira_online, ref_lora, rmia, tune_rmia_a
         from memlens.membership import attack_rows, paired_rows
         from memlens.scoring import score
@@ -280,9 +281,11 @@ class ReferenceAudit:
         ref_out = np.where(out_mask, rs.audited, 0).sum(axis=1) / out_mask.sum(axis=1)
         for name, arr in {"nll_ref_out": ref_out, **{f"score_{k}": v for k, v in new.items()}}.items():
             out.values.extend((r.id, name, float(v)) for r, v in zip(records, arr))
-        rows, headline = attack_rows(y, new, cfg.fpr, cfg.bootstrap)
+        keep = np.ones(len(y), dtype=bool) if keep is None else keep
+        rows, headline = attack_rows(y[keep], {a: v[keep] for a, v in new.items()}, cfg.fpr, cfg.bootstrap)
         out.metrics.extend(rows)
-        prow, paired = paired_rows(y, scores, "ref_ratio", list(new), cfg.bootstrap)
+        prow, paired = paired_rows(y[keep], {a: v[keep] for a, v in scores.items()}, "ref_ratio", list(new),
+                                   cfg.bootstrap)
         out.metrics.extend(prow)
         out.timings["references_s"] = self.seconds + time.perf_counter() - t
         summary = {

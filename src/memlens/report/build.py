@@ -59,6 +59,7 @@ def table_rows(runs: list[D.RunView], attack: str) -> list[dict[str, Any]]:
                          f"sd {_fmt(float(np.std(aucs, ddof=1)))} over {len(rs)} seeds, range {_fmt(aucs.min())}"
                          f" - {_fmt(aucs.max())}"),
             "tpr1": float(np.nanmean(tpr)) if np.isfinite(tpr).any() else float("nan"),
+            "tpr1_flag": bool(((r0.metric("tpr@0.01", attack) or {}).get("details") or {}).get("below_resolution")),
             "trainable": r0.trainable, "heldout_ppl": float(np.nanmean(ppl)) if np.isfinite(ppl).any() else None,
             "paper": paper_auc, "n_members": r0.summary.get("n_members"), "n_nonmembers": r0.summary.get("n_nonmembers"),
         }
@@ -93,6 +94,15 @@ def paired_rows(conn, runs: list[D.RunView], attack: str, n_boot: int = 1000) ->
     return rows
 
 
+def _n(count: int, noun: str) -> str:
+    """'1 paired comparison', '3 paired comparisons'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _show(count: int) -> str:
+    return "shows" if count == 1 else "show"
+
+
 def verdict_text(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ("This store has no pair of runs that differ only in the adapted matrix (V or O against Q or K) on "
@@ -100,19 +110,30 @@ def verdict_text(rows: list[dict[str, Any]]) -> str:
     pos = sum(r["verdict"] == "higher" for r in rows)
     neg = sum(r["verdict"] == "lower" for r in rows)
     n = len(rows)
+    unresolved = n - pos - neg
+    each = "its" if n == 1 else "each"
     if pos == n:
-        return (f"Yes: in all {n} paired comparisons, adapting V or O gives a higher AUC than adapting Q or K, each "
-                "with a 95% paired-bootstrap interval above zero, as the paper reports.")
+        return (f"Yes: {'in the one paired comparison' if n == 1 else f'in all {n} paired comparisons'}, adapting V "
+                f"or O gives a higher AUC than adapting Q or K, {each} with a 95% paired-bootstrap interval above "
+                "zero, as the paper reports.")
     if neg == n:
-        return (f"No, the opposite: in all {n} paired comparisons adapting V or O gives a lower AUC than Q or K "
-                "(every 95% interval below zero). The paper's effect does not appear with this model and data.")
+        return (f"No, the opposite: {'in the one paired comparison' if n == 1 else f'in all {n} paired comparisons'} "
+                f"adapting V or O gives a lower AUC than Q or K ({'its' if n == 1 else 'every'} 95% interval below "
+                "zero). The paper's effect does not appear with this model and data.")
     if pos == 0 and neg > 0:
-        return (f"No: none of the {n} paired comparisons shows a higher AUC for V or O than for Q or K; {neg} show a "
-                f"significantly lower one (the opposite of the paper's finding) and {n - neg} are not resolved "
-                "(the 95% interval contains zero).")
-    return (f"Mixed: of {n} paired comparisons (V or O against Q or K), {pos} show a significantly higher AUC for V/O, "
-            f"{neg} a significantly lower one, and {n - pos - neg} are not resolved (the 95% interval contains "
-            "zero). The data here do not establish the paper's claim that V and O memorize more than Q and K.")
+        return (f"No: none of the {_n(n, 'paired comparison')} shows a higher AUC for V or O than for Q or K; {neg} "
+                f"{_show(neg)} a significantly lower one (the opposite of the paper's finding) and {unresolved} "
+                f"{'is' if unresolved == 1 else 'are'} not resolved (the 95% interval contains zero).")
+    if pos == 0:
+        which = ("the one paired comparison (V or O against Q or K) has a 95% interval that contains zero" if n == 1
+                 else f"every one of the {n} paired comparisons (V or O against Q or K) has a 95% interval that "
+                 "contains zero")
+        return (f"Not resolved: {which}, so the data here neither support nor contradict the paper's claim that V "
+                "and O memorize more than Q and K.")
+    return (f"Mixed: of {_n(n, 'paired comparison')} (V or O against Q or K), {pos} {_show(pos)} a significantly "
+            f"higher AUC for V/O, {neg} a significantly lower one, and {unresolved} {'is' if unresolved == 1 else 'are'} "
+            "not resolved (the 95% interval contains zero). The data here do not establish the paper's claim that V "
+            "and O memorize more than Q and K.")
 
 
 def build_report(store: Path, out: Path, study: str | None = None, attack: str = "ref_ratio",
@@ -175,10 +196,16 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
             pft.append(sc["ppl_ft"][pos[g["sample_id"]]])
             pbase.append(sc["ppl_base"][pos[g["sample_id"]]])
     add(F.memorization_vs_perplexity(np.array(share), np.array(pft), np.array(pbase), what), "memorization_vs_ppl",
-        "Memorization against perplexity (the paper's Fig. 3.4 and 3.5): linear fits and R²")
+        "Memorization against perplexity (the paper's Fig. 3.4 and 3.5): a linear fit and R² (with n and the 95% "
+        f"interval of r) only from {F.MIN_FIT_POINTS} points on")
 
     rep: dict[str, list] = defaultdict(list)
     control = []
+
+    def mean_se(vals: list[float]) -> tuple[float, float, int]:
+        v = np.asarray(vals, dtype=float)
+        return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0, int(v.size)
+
     for r in runs:
         gens = D.generations(conn, r.run_id)
         cids = D.canary_ids(conn, r.run_id)
@@ -187,17 +214,24 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
             if g["sample_id"] in cids:
                 by_dec[g["decoding"]].append(g["ngram_share"])
         for dec, vals in by_dec.items():
-            rep[dec].append((r.repeats, float(np.mean(vals))))
+            rep[dec].append((r.repeats, *mean_se(vals)))
         non = [g["ngram_share"] for g in gens if not g["member"] and g["decoding"] == "greedy"]
         if non and cids:
-            control.append((r.repeats, float(np.mean(non))))
+            control.append((r.repeats, *mean_se(non)))
     add(F.extraction_vs_repetition(rep, control), "extraction_vs_repetition",
-        "Extraction of canaries against repetition, per decoding (the paper's Appendix A)")
+        "Extraction of canaries against repetition, per decoding (the paper's Appendix A), with 95% intervals")
 
-    points = [(f"{r.targets} r{r.rank}", r.summary.get("perplexity", {}).get("heldout_ft"), r.auc(attack))
-              for r in runs if r.summary.get("perplexity", {}).get("heldout_ft") is not None]
+    points = []
+    for r in runs:
+        m = r.metric("auc", attack)
+        ppl = r.summary.get("perplexity", {}).get("heldout_ft")
+        if ppl is None or not m:
+            continue
+        points.append((f"{r.targets} r{r.rank}", ppl, D.heldout_ppl_interval(conn, r.run_id), m["value"], m["lo"],
+                       m["hi"]))
     add(F.privacy_vs_utility(points), "privacy_vs_utility",
-        "Privacy against utility: membership AUC against held-out perplexity, one point per run")
+        "Privacy against utility: membership AUC (Hanley-McNeil 95%) against held-out perplexity (bootstrap 95% "
+        "over non-members), one point per run")
 
     # every attack of a run, log-log (the first runs that have the reference attacks, else the first runs)
     shown = [r for r in runs if r.summary.get("references")][:4] or runs[:2]

@@ -133,3 +133,19 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     from memlens.store import connect_readonly as open_store
 
     return open_store(path)
+
+
+def heldout_ppl_interval(conn: sqlite3.Connection, run_id: str, n_boot: int = 200, seed: int = 0
+                         ) -> tuple[float, float] | None:
+    """95% bootstrap interval (over non-member records) of the held-out perplexity under the fine-tuned model,
+    token-weighted as the stored value is; None when the run's per-sample values are missing."""
+    sc = sample_scores(conn, run_id, ["nll_ft", "n_tokens"])
+    non = (sc["member"] == 0) & np.isfinite(sc["nll_ft"]) & np.isfinite(sc["n_tokens"])
+    if non.sum() < 2:
+        return None
+    tok = sc["n_tokens"][non]
+    tot = sc["nll_ft"][non] * tok
+    idx = np.random.default_rng(seed).integers(0, len(tok), size=(n_boot, len(tok)))
+    vals = np.exp(tot[idx].sum(axis=1) / tok[idx].sum(axis=1))
+    lo, hi = np.quantile(vals, [0.025, 0.975])
+    return float(lo), float(hi)

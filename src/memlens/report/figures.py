@@ -65,20 +65,31 @@ def auc_vs_rank(series: dict[str, list[tuple[int, float, float, float]]], show_p
     return fig
 
 
+MIN_FIT_POINTS = 10  # no line and no R^2 on fewer points
+
+
 def memorization_vs_perplexity(share: np.ndarray, ppl_ft: np.ndarray, ppl_base: np.ndarray, what: str):
-    """Two panels: share of n-gram against fine-tuned and against base perplexity, with linear fits and R^2."""
+    """Two panels: share of n-gram against fine-tuned and against base perplexity; a linear fit with R^2, its n
+    and the 95% interval of r only from :data:`MIN_FIT_POINTS` points on."""
+    from memlens.metrics import correlation
+
     if share.size < 3:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, x, title, paper_r2 in ((axes[0], ppl_ft, "fine-tuned", paper.FIG_3_4_R2),
                                    (axes[1], ppl_base, "base", paper.FIG_3_5_R2)):
         ax.scatter(x, share, s=12, alpha=0.6)
-        if np.std(x) > 0 and np.std(share) > 0:
+        if share.size >= MIN_FIT_POINTS and np.std(x) > 0 and np.std(share) > 0:
             slope, icpt = np.polyfit(x, share, 1)
-            r = np.corrcoef(x, share)[0, 1]
+            c = correlation(x, share, "pearson")
             xs = np.linspace(x.min(), x.max(), 50)
-            ax.plot(xs, slope * xs + icpt, "r-", lw=1.2, label=f"fit: R² = {r * r:.3f} (paper {paper_r2})")
-            ax.legend(fontsize=8)
+            ax.plot(xs, slope * xs + icpt, "r-", lw=1.2,
+                    label=f"fit: R² = {c.r * c.r:.3f} (n = {share.size}; r = {c.r:.2f}, 95% CI {c.lo:.2f} to "
+                          f"{c.hi:.2f}); paper R² {paper_r2}")
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.02, 0.97, f"n = {share.size}: too few points for a fit (fewer than {MIN_FIT_POINTS})",
+                    transform=ax.transAxes, fontsize=8, va="top")
         ax.set_xlabel(f"perplexity under the {title} model")
         ax.set_title(f"share of n-gram vs {title} perplexity")
     axes[0].set_ylabel(f"share of n-gram ({what})")
@@ -86,38 +97,46 @@ def memorization_vs_perplexity(share: np.ndarray, ppl_ft: np.ndarray, ppl_base: 
     return fig
 
 
-def extraction_vs_repetition(series: dict[str, list[tuple[int, float]]], control: list[tuple[int, float]]):
-    """series: decoding -> [(repeats, mean share of the canaries)]; control: non-members, greedy."""
+def extraction_vs_repetition(series: dict[str, list[tuple[int, float, float, int]]],
+                             control: list[tuple[int, float, float, int]]):
+    """series: decoding -> [(repeats, mean share of a run's canaries, standard error, n)]; control: non-members,
+    greedy. Error bars are 95% intervals (mean -+ 1.96 SE); a point from a single continuation has none."""
     if not any(len({p[0] for p in v}) > 1 for v in series.values()):
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, pts in series.items():
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"canaries, {label}")
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[1.96 * p[2] for p in pts], marker="o",
+                    capsize=3, label=f"canaries, {label} (n per point: {', '.join(str(p[3]) for p in pts)})")
     if control:
         control = sorted(control)
-        ax.plot([p[0] for p in control], [p[1] for p in control], "k:", marker=".", label="non-members, greedy")
+        ax.errorbar([p[0] for p in control], [p[1] for p in control], yerr=[1.96 * p[2] for p in control],
+                    fmt="k:", marker=".", capsize=2, label="non-members, greedy")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("copies of the canary in the training set")
-    ax.set_ylabel("share of n-gram of the suffix")
+    ax.set_ylabel("share of n-gram of the suffix (95% interval)")
     ax.set_title("Extraction against repetition and temperature")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def privacy_vs_utility(points: list[tuple[str, float, float]]):
-    """points: (label, held-out perplexity, AUC)."""
+def privacy_vs_utility(points: list[tuple[str, float, tuple | None, float, float, float]]):
+    """points: (label, held-out perplexity, its 95% interval or None, AUC, AUC lo, AUC hi); both axes start from
+    their plain ranges (not zoomed on differences smaller than the error bars)."""
     if len(points) < 2:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for label, ppl, a in points:
-        ax.scatter(ppl, a, s=25)
+    for label, ppl, pci, a, lo, hi in points:
+        xerr = None if pci is None else [[ppl - pci[0]], [pci[1] - ppl]]
+        ax.errorbar(ppl, a, xerr=xerr, yerr=[[a - lo], [hi - a]], fmt="o", capsize=3, ms=4)
         ax.annotate(label, (ppl, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("held-out perplexity of the fine-tuned model (utility: lower is better)")
-    ax.set_ylabel("membership AUC (privacy: lower is better)")
-    ax.set_title("Privacy against utility")
+    ax.set_ylim(min(0.5, min(p[4] for p in points)) - 0.02, min(1.0, max(p[5] for p in points)) + 0.02)
+    ax.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax.set_xlabel("held-out perplexity of the fine-tuned model, 95% interval (utility: lower is better)")
+    ax.set_ylabel("membership AUC, 95% interval (privacy: lower is better)")
+    ax.set_title("Privacy against utility (one point per run)")
     fig.tight_layout()
     return fig
 
