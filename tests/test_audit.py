@@ -230,3 +230,37 @@ def test_cli_audit_of_an_adapter_folder(tmp_path):
     out = subprocess.run([*args[:7], str(tmp_path / "bad"), *args[8:]], capture_output=True, text=True, env=env,
                          cwd=tmp_path)
     assert out.returncode == 2 and "not an adapter folder" in out.stderr
+
+
+def test_half_precision_statistics_never_depend_on_the_caches_history(tiny):
+    """bf16 numbers depend on which records share a batch: a bf16 pass is always over its whole set, so scoring
+    set B after set A gives exactly what scoring B first gives; float32 reuses records across sets."""
+    import numpy as np
+
+    from memlens.data.synthetic import generate
+
+    seqs = tiny.encode([r.text for r in generate(60, seed=3)])
+    a, b = seqs[:20], seqs[10:60]
+    for precision in ("bfloat16", "float32"):
+        cfg = AuditConfig(precision=precision, batch_size=16)
+        calls = []
+        real = A.score
+
+        def counting(model, s, **kw):
+            calls.append(len(s))
+            return real(model, s, **kw)
+
+        A.score = counting
+        try:
+            A.cached_score(tiny, tiny.model, a, cfg, tiny.pad_id, identity=f"hist-{precision}-1")
+            after_a = A.cached_score(tiny, tiny.model, b, cfg, tiny.pad_id, identity=f"hist-{precision}-1")
+            fresh = A.cached_score(tiny, tiny.model, b, cfg, tiny.pad_id, identity=f"hist-{precision}-2")
+            again = A.cached_score(tiny, tiny.model, b, cfg, tiny.pad_id, identity=f"hist-{precision}-1")
+        finally:
+            A.score = real
+        if precision == "bfloat16":
+            assert calls == [20, 50, 50]  # B scored whole, never patched from A's batches; then from the cache
+            assert np.array_equal(after_a.sum_nll, fresh.sum_nll) and np.array_equal(again.sum_nll, fresh.sum_nll)
+        else:
+            assert calls == [20, 40, 50]  # the 10 records of A are reused ...
+            assert np.allclose(after_a.mean_nll, fresh.mean_nll, atol=1e-5)  # ... and agree to 1e-5

@@ -178,3 +178,8 @@ def test_user_errors_are_one_line_without_a_traceback(tmp_path, args, words):
     if args[0] == "run":
         p = _cli("--debug", *args, cwd=tmp_path)
         assert "Traceback" in p.stderr  # --debug shows it
+
+
+def test_help_examples_print_as_written():
+    p = _cli("run", "--help")
+    assert p.returncode == 0 and "lora.targets=[o]" in p.stdout  # a rich style tag would swallow "[o]"

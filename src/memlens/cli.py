@@ -22,10 +22,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "lora.targets=[o]" must print as written, not as a style tag
 )
-data_app = typer.Typer(help="Inspect corpora.", no_args_is_help=True)
-models_app = typer.Typer(help="List and prepare base models.", no_args_is_help=True)
-results_app = typer.Typer(help="Query the results store.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect corpora.", no_args_is_help=True, rich_markup_mode=None)
+models_app = typer.Typer(help="List and prepare base models.", no_args_is_help=True, rich_markup_mode=None)
+results_app = typer.Typer(help="Query the results store.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(results_app, name="results")
