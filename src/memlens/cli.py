@@ -236,6 +236,8 @@ def study(
     from memlens.study import done_runs, load_study, plan, run_study
 
     _setup_logging(quiet)
+    if not (executor == "local" or executor == "ray" or executor.startswith("ray:")):
+        raise MemlensError(f"--executor {executor!r}: expected local, ray or ray:ADDRESS")
     st = load_study(study_ref)
     runs = plan(st, profile, overrides or [], output_dir)
     if dry_run:
