@@ -86,6 +86,19 @@ def stats_key(identity: str, model: Any, cfg: AuditConfig, min_k_pp: bool = True
     return {"model": identity, "dtype": precision, "device": device.type, "ks": sorted(cfg.ks), "min_k_pp": min_k_pp}
 
 
+def stats_cache(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditConfig, *,
+                identity: str | None = None, min_k_pp: bool = True) -> StatsCache:
+    """The cache that holds (or will hold) the statistics of ``seqs`` under ``model`` (see :func:`cached_score`)."""
+    key = stats_key(identity or lm.info.get("identity", lm.info["source"]), model, cfg, min_k_pp)
+    if key["dtype"] != "float32":
+        # In half precision a record's statistics depend on the other records of its batch (up to ~0.04 nats on
+        # SmolLM2 in bf16), so records are never reused from another set: the pass is over this whole set, in its
+        # length-sorted batches, and the same set always gives the same numbers. In float32 they agree to 1e-5
+        # whatever the batch, and each record is scored once across sets.
+        key.update({"set": json_hash([_ids_hash(s) for s in seqs]), "batch_size": cfg.batch_size})
+    return StatsCache(key)
+
+
 def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditConfig, pad_id: int,
                  progress: bool = False, *, identity: str | None = None, min_k_pp: bool = True,
                  label: str = "score base") -> SampleStats:
@@ -94,15 +107,7 @@ def cached_score(lm: LoadedModel, model: Any, seqs: list[list[int]], cfg: AuditC
 
     A study scores the same records under the same base model run after run: each record is scored once.
     """
-    identity = identity or lm.info.get("identity", lm.info["source"])
-    key = stats_key(identity, model, cfg, min_k_pp)
-    if key["dtype"] != "float32":
-        # In half precision a record's statistics depend on the other records of its batch (up to ~0.04 nats on
-        # SmolLM2 in bf16), so records are never reused from another set: the pass is over this whole set, in its
-        # length-sorted batches, and the same set always gives the same numbers. In float32 they agree to 1e-5
-        # whatever the batch, and each record is scored once across sets.
-        key.update({"set": json_hash([_ids_hash(s) for s in seqs]), "batch_size": cfg.batch_size})
-    cache = StatsCache(key)
+    cache = stats_cache(lm, model, seqs, cfg, identity=identity, min_k_pp=min_k_pp)
     missing = cache.missing(seqs)
     if missing:
         device = next(model.parameters()).device

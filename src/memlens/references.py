@@ -204,7 +204,7 @@ def score_references(lm: Any, cfg: RunConfig, rp: ReferencePlan, audited_seqs: l
     """Train (or find) every reference, then score the audited, z and tuning records under each (cached)."""
     from peft import PeftModel
 
-    from memlens.audit import StatsCache, cached_score, stats_key
+    from memlens.audit import cached_score, stats_cache
     from memlens.progress import progress_bar
 
     z_seqs, tune_seqs = encode(lm, cfg, rp.z), encode(lm, cfg, rp.tune)
@@ -215,7 +215,7 @@ def score_references(lm: Any, cfg: RunConfig, rp: ReferencePlan, audited_seqs: l
             train_s = train_reference(lm, cfg, spec, h, rp.train[j], progress)
             identity = f"reference:{h}"
             t = time.perf_counter()
-            if StatsCache(stats_key(identity, lm.model, cfg.audit, min_k_pp=False)).missing(every):
+            if stats_cache(lm, lm.model, every, cfg.audit, identity=identity, min_k_pp=False).missing(every):
                 model = PeftModel.from_pretrained(lm.model, str(reference_dir(h)), is_trainable=False)
                 model.eval()
                 try:
