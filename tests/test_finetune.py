@@ -52,10 +52,10 @@ def test_run_folder_contents_and_provenance(tmp_path):
     # 24 members in micro-batches of 8 -> 3 steps per epoch, 2 epochs
     assert s["steps"] == 6 and len((d / "train_log.jsonl").read_text().splitlines()) == 6
     assert s["counts"] == {"train": 24, "members": 24, "nonmembers": 24, "canaries": 0, "displaced": 0,
-                           "overlaps": 0}
+                           "overlaps": 0, "formatted_canaries": 0}
     texts = [r for r in (d / "manifest.json").read_text().split('"') if "year-old" in r]
     assert texts == []  # ids and hashes only, never the raw text
-    with pytest.raises(MemlensError, match="run folder exists"):
+    with pytest.raises(MemlensError, match="run.s folder exists"):
         finetune(_cfg(tmp_path), progress=False)
 
 

@@ -41,6 +41,9 @@ def test_report_files_tables_and_verdict(store, tmp_path):
     conn = D.connect_readonly(store)
     runs = D.load_runs(conn, "r")
     assert len(runs) == 6
+    # 16 non-members: TPR at 1% FPR is below the resolution, and the Table 3.1 analog says so on every row
+    table = page.split("(the analog of the paper's Table 3.1)</h2>")[1].split("</table>")[0]
+    assert table.count("<tr>") == 7 and table.count(" *</td>") == 6 and "below the FPR" in page
     for r in runs:  # every run's AUC is on the page as stored
         assert f"{r.auc('ref_ratio'):.3f}" in page
     # the paired comparisons, recomputed from the stored per-sample scores

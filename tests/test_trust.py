@@ -1,9 +1,11 @@
 """Trust: nothing of the user's is destroyed, and a store or export path that is not memlens's is refused."""
 
+import json
 import os
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +193,49 @@ def test_a_studys_workers_die_with_it(tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [c.pid for c in alive]
+
+
+def test_loading_a_model_never_installs_anything(monkeypatch):
+    import memlens.models as models
+
+    monkeypatch.setattr(models, "_gguf_file", lambda name, required=True: None)
+    monkeypatch.setattr(models, "model_cache", lambda name: Path("/nonexistent/memlens-model"))
+    monkeypatch.setattr(models, "install_packages", lambda name: pytest.fail("pip ran at run time"))
+    with pytest.raises(MemlensError, match="memlens models prepare smollm2-135m"):
+        models.load_model("smollm2-135m")
+
+
+def test_a_run_stored_by_another_study_meanwhile_is_kept(tmp_path, monkeypatch):
+    import memlens.study as study_mod
+    from memlens.study import StudyConfig, plan, run_study
+
+    st = StudyConfig.model_validate({"name": "a", "base": {"model": "tiny", "data": {
+        "source": "synthetic", "synthetic_size": 300, "members": {"n": 16}, "nonmembers": {"n": 16}},
+        "train": {"batch_size": 8, "max_steps": 1}, "audit": {"bootstrap": 0, "extraction": None, "blind": False}},
+        "axes": {"lora.rank": [1]}})
+    runs = plan(st, None, [], str(tmp_path / "runs"))
+    db = tmp_path / "s.sqlite"
+    first = run_study(st, runs, db, progress=False)
+    real_done = study_mod.done_runs
+    calls = {"n": 0}
+
+    def done_once_empty(path):  # the second study starts before the first has stored its run
+        calls["n"] += 1
+        return set() if calls["n"] == 1 else real_done(path)
+
+    monkeypatch.setattr(study_mod, "done_runs", done_once_empty)
+    again = run_study(st, runs, db, progress=False)  # computes it again, finds it stored: keeps the first
+    assert again == first
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+
+
+def test_the_precision_a_run_ran_at_is_stored_and_in_its_id(stored):
+    db, run_id = stored
+    with sqlite3.connect(db) as conn:
+        config = json.loads(conn.execute("SELECT config_json FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0])
+    resolved = config["resolved"]
+    assert resolved["device"] == "cpu" and resolved["train_precision"] in ("bfloat16", "float32")
+    cfg = load_config(None, [*BASE, "train.precision=float32", "audit.precision=float32"])
+    if resolved["train_precision"] == "bfloat16":  # auto resolved to bf16 here: float32 is another run
+        assert cfg.config_hash() != run_id
