@@ -184,7 +184,11 @@ class LoadedModel:
 
         Sequences longer than ``max_length`` or the model's context are cut to the shorter of the two
         (``too_long="truncate"``, with a warning that counts them) or refused (``"error"``)."""
-        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        texts = list(texts)
+        ids: list[list[int]] = []
+        for i in range(0, len(texts), 512):  # in chunks: the tokenizer's per-text objects stay few, not corpus-sized
+            ids += self.tokenizer(texts[i : i + 512], add_special_tokens=False, return_attention_mask=False)[
+                "input_ids"]
         if add_bos:
             if self.bos_id is None:
                 raise MemlensError(f"model {self.name}: its tokenizer has no BOS or EOS token to prepend")
