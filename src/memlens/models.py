@@ -378,6 +378,9 @@ def load_model(
         hint = " (not in the local cache: set allow_download=true to fetch it)" if local_only and source.startswith(
             "hub") else ""
         raise MemlensError(f"model {name}: cannot load{hint}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a corrupt config, tokenizer or safetensors file in the folder
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MemlensError(f"model {name}: cannot load ({type(e).__name__}: {first})") from None
     model.to(device)
     model.eval()
     meta_file = Path(folder) / "memlens_model.json" if not isinstance(folder, str) else None
