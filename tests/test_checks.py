@@ -183,3 +183,17 @@ def test_user_errors_are_one_line_without_a_traceback(tmp_path, args, words):
 def test_help_examples_print_as_written():
     p = _cli("run", "--help")
     assert p.returncode == 0 and "lora.targets=[o]" in p.stdout  # a rich style tag would swallow "[o]"
+
+
+def test_targets_are_checked_from_the_config_before_the_weights_load(tmp_path, monkeypatch):
+    import memlens.models as models
+    from memlens.models import build_tiny
+
+    folder = tmp_path / "gpt2-like"
+    lm = build_tiny(arch="gpt2")
+    lm.model.save_pretrained(folder, safe_serialization=True)
+    lm.tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    with pytest.raises(MemlensError, match="fuses Q, K and V"):
+        run_config(load_config(None, [*BASE, f"model={folder}", "lora.targets=[v]", f"output_dir={tmp_path / 'o'}"]),
+                   progress=False)

@@ -55,6 +55,34 @@ def check_store(db: Path, run_id: str, overwrite: bool) -> None:
     check_writable(db.parent, "store folder")
 
 
+def check_targets(cfg) -> None:
+    """The LoRA targets exist in the architecture, read from the model's config.json on the meta device (no
+    weights). Models not on disk yet (an alias not converted, a hub id not cached) are checked right after they
+    load, still before any scoring or training."""
+    if cfg.train.method != "lora":
+        return
+    from memlens.models import ALIASES, TINY, model_cache, resolve_targets
+
+    if cfg.model in TINY:
+        folder = None
+    elif cfg.model in ALIASES:
+        folder = model_cache(cfg.model)
+    else:
+        folder = Path(cfg.model).expanduser()
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # an unreadable config is reported when the model loads, with its own message
+        return
+    resolve_targets(skeleton, list(cfg.lora.targets))
+
+
 def check_run(cfg, *, overwrite: bool = False) -> None:
     """Everything about a ``memlens run`` that can be checked before the model loads (see the module docstring)."""
     from memlens.audit import store_path
@@ -67,3 +95,4 @@ def check_run(cfg, *, overwrite: bool = False) -> None:
     check_run_folder(out / run_name(cfg), run_id, overwrite)
     check_writable(out, "output_dir")
     check_writable(cache_dir(), "cache")
+    check_targets(cfg)
