@@ -10,6 +10,7 @@ Both end in one transaction of the results store (see :mod:`memlens.store`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -42,8 +43,32 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- cached base statistics
 
 
+def _cache_secret() -> bytes:
+    """A random key of this cache (``CACHE/stats/.key``, user-only), made once: records are found in the cache by a
+    keyed hash of their token ids, so the cache holds nothing a reader could match a guessed sentence against."""
+    return _secret_at(str(cache_dir() / "stats" / ".key"))
+
+
+@functools.lru_cache(maxsize=8)
+def _secret_at(where: str) -> bytes:
+    import secrets
+
+    path = Path(where)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return bytes.fromhex(path.read_text().strip())
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
 def _ids_hash(ids: list[int]) -> str:
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:32]
+    import hmac
+
+    return hmac.new(_cache_secret(), np.asarray(ids, dtype=np.int64).tobytes(), hashlib.sha256).hexdigest()[:32]
 
 
 class StatsCache:
@@ -335,6 +360,9 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     """
     from memlens.finetune import check_run_folder, prepare, run_name, train, train_summary, write_run_folder
 
+    from memlens.provenance import versions
+
+    versions()  # read the commit now, not when the run is written
     run_id = cfg.config_hash()
     run_dir = Path(cfg.output_dir) / run_name(cfg)
     check_run_folder(run_dir, run_id, overwrite)
@@ -470,6 +498,10 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
               "dtype": dtype, "add_bos": add_bos, "audit": cfg.model_dump(mode="json")}
     if overlap != "drop":
         config["overlap"] = overlap
+    from memlens.models import resolve_precision
+
+    config["resolved"] = {"device": device.split(":")[0],
+                          "audit_precision": dtype if dtype != "float32" else resolve_precision(cfg.precision, device)}
     run_id = json_hash(config)
     from memlens.paths import cache_dir
     from memlens.preflight import check_store, check_writable

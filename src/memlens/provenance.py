@@ -13,7 +13,18 @@ from typing import Any
 _PACKAGES = ("memlens", "torch", "transformers", "peft", "tokenizers", "numpy", "scikit-learn", "scipy", "pydantic")
 
 
+_AT_START: dict[str, Any] = {}
+
+
 def versions() -> dict[str, Any]:
+    """Versions of Python, the packages and memlens's own commit, read once per process: a run started under one
+    commit records that commit, even if the checkout moves on while it computes."""
+    if not _AT_START:
+        _AT_START.update(_read_versions())
+    return dict(_AT_START)
+
+
+def _read_versions() -> dict[str, Any]:
     out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
     for p in _PACKAGES:
         try:

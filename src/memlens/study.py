@@ -218,7 +218,7 @@ def done_runs(db: Path) -> set[str]:
 
     if not db.is_file():
         return set()
-    conn = S.connect(db)
+    conn = S.connect_readonly(db)  # reading: a dry run changes nothing in the store
     try:
         return {r[0] for r in conn.execute("SELECT run_id FROM runs")}
     finally:
