@@ -2,6 +2,7 @@
 one line naming the thing, exit 2 and nothing written."""
 
 import json
+import os
 import logging
 
 import pytest
@@ -197,3 +198,25 @@ def test_targets_are_checked_from_the_config_before_the_weights_load(tmp_path, m
     with pytest.raises(MemlensError, match="fuses Q, K and V"):
         run_config(load_config(None, [*BASE, f"model={folder}", "lora.targets=[v]", f"output_dir={tmp_path / 'o'}"]),
                    progress=False)
+
+
+def test_a_read_only_store_or_folder_is_found_before_the_model_loads(tmp_path, monkeypatch):
+    import memlens.models as models
+    import memlens.preflight as P
+
+    first = run_config(load_config(None, [*BASE, f"output_dir={tmp_path / 'a'}"]), progress=False)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    real_access = os.access
+    monkeypatch.setattr(P.os, "access", lambda p, mode: False if str(p) == str(first.store) else real_access(p, mode))
+    with pytest.raises(MemlensError, match="the results store is not writable"):
+        run_config(load_config(None, [*BASE, "lora.rank=2", f"output_dir={tmp_path / 'a'}"]), progress=False)
+    monkeypatch.setattr(P.os, "access", lambda p, mode: False)
+    with pytest.raises(MemlensError, match="is not writable"):
+        run_config(load_config(None, [*BASE, "lora.rank=3", f"output_dir={tmp_path / 'b'}"]), progress=False)
+    assert not (tmp_path / "b").exists()
+    # reading a store needs no write permission
+    from memlens import store as S
+
+    conn = S.connect_readonly(first.store)
+    assert S.run_exists(conn, first.run_id)
+    conn.close()

@@ -239,3 +239,22 @@ def test_the_precision_a_run_ran_at_is_stored_and_in_its_id(stored):
     cfg = load_config(None, [*BASE, "train.precision=float32", "audit.precision=float32"])
     if resolved["train_precision"] == "bfloat16":  # auto resolved to bf16 here: float32 is another run
         assert cfg.config_hash() != run_id
+
+
+def test_the_statistics_cache_holds_no_plain_hash_of_a_record(tmp_path, tiny):
+    import hashlib
+    import os
+
+    import numpy as np
+
+    import memlens.audit as A
+    from memlens.config import AuditConfig
+
+    seqs = tiny.encode(["A 54-year-old woman developed hepatitis on isoniazid.", "Another sentence here."])
+    A.cached_score(tiny, tiny.model, seqs, AuditConfig(precision="float32"), tiny.pad_id, identity="plain-check")
+    files = list((Path(os.environ["MEMLENS_CACHE"]) / "stats").glob("*.npz"))
+    assert files and (Path(os.environ["MEMLENS_CACHE"]) / "stats" / ".key").stat().st_mode & 0o077 == 0
+    plain = {hashlib.sha256(np.asarray(s, dtype=np.int64).tobytes()).hexdigest()[:32] for s in seqs}
+    for f in files:
+        with np.load(f) as z:
+            assert not plain & set(z["hashes"].tolist())
