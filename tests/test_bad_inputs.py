@@ -156,6 +156,12 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 FUZZED = {"n": 0}
 
 
+def _file(factory, name: str, content):
+    f = factory.mktemp("fz") / name
+    (f.write_bytes if isinstance(content, bytes) else f.write_text)(content)
+    return f
+
+
 def _only_user_errors(fn, *args):
     FUZZED["n"] += 1
     try:
@@ -169,9 +175,7 @@ def _only_user_errors(fn, *args):
 def test_the_jsonl_reader_reads_or_refuses_any_bytes(tmp_path_factory, data):
     from memlens.data.records import read_jsonl
 
-    f = tmp_path_factory.mktemp("fz") / "x.jsonl"
-    f.write_bytes(data)
-    _only_user_errors(read_jsonl, f)
+    _only_user_errors(read_jsonl, _file(tmp_path_factory, "x.jsonl", data))
 
 
 @FUZZ
@@ -181,9 +185,8 @@ def test_the_jsonl_reader_reads_or_refuses_any_bytes(tmp_path_factory, data):
 def test_the_jsonl_reader_reads_or_refuses_any_json(tmp_path_factory, rows):
     from memlens.data.records import read_jsonl
 
-    f = tmp_path_factory.mktemp("fz") / "x.jsonl"
-    f.write_text("".join((json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows))
-    _only_user_errors(read_jsonl, f)
+    text = "".join((json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows)
+    _only_user_errors(read_jsonl, _file(tmp_path_factory, "x.jsonl", text))
 
 
 @FUZZ
@@ -191,9 +194,7 @@ def test_the_jsonl_reader_reads_or_refuses_any_json(tmp_path_factory, rows):
 def test_the_csv_reader_reads_or_refuses_any_text(tmp_path_factory, text):
     from memlens.data.records import read_csv
 
-    f = tmp_path_factory.mktemp("fz") / "x.csv"
-    f.write_text("id,text\n" + text)
-    _only_user_errors(read_csv, f)
+    _only_user_errors(read_csv, _file(tmp_path_factory, "x.csv", "id,text\n" + text))
 
 
 @FUZZ
@@ -201,9 +202,7 @@ def test_the_csv_reader_reads_or_refuses_any_text(tmp_path_factory, text):
 def test_the_config_loader_reads_or_refuses_any_yaml(tmp_path_factory, text):
     from memlens.config import load_config
 
-    f = tmp_path_factory.mktemp("fz") / "c.yaml"
-    f.write_text(text)
-    _only_user_errors(load_config, f)
+    _only_user_errors(load_config, _file(tmp_path_factory, "c.yaml", text))
 
 
 KEYS = ["model", "lora.rank", "lora.targets", "train.lr", "train.epochs", "data.members.n", "audit.fpr",
@@ -225,9 +224,7 @@ def test_the_config_loader_reads_or_refuses_any_overrides(pairs):
 def test_the_phee_reader_reads_or_refuses_any_object(tmp_path_factory, obj):
     from memlens.data.phee import read_split
 
-    f = tmp_path_factory.mktemp("fz") / "train.json"
-    f.write_text(json.dumps(obj) + "\n")
-    _only_user_errors(read_split, f, "train")
+    _only_user_errors(read_split, _file(tmp_path_factory, "train.json", json.dumps(obj) + "\n"), "train")
 
 
 def test_zz_fuzz_counts(capsys):

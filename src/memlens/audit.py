@@ -429,29 +429,6 @@ def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True
     return RunResult(record["run"]["run_id"], db, Path(summary["run_dir"]), summary)
 
 
-def _drop_overlaps(members: list[Record], nonmembers: list[Record], overlap: str, where: str) -> list[Record]:
-    """Non-members that repeat a member (the same text under another id, or nearly) are handled as ``memlens run``
-    handles them (``data.overlap``): dropped with a warning (default), only warned about, or refused."""
-    from memlens.data.splits import find_overlaps
-
-    found = find_overlaps(members, nonmembers)
-    if not found:
-        return nonmembers
-    ids = sorted({o.b_id for o in found})
-    msg = (f"{where}: {len(ids)} non-member(s) duplicate a member ({sum(o.kind == 'exact' for o in found)} "
-           f"exact): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
-    if overlap == "error":
-        raise MemlensError(msg)
-    if overlap == "warn":
-        log.warning(msg)
-        return nonmembers
-    log.warning("%s; dropped from the non-members", msg)
-    kept = [r for r in nonmembers if r.id not in set(ids)]
-    if not kept:
-        raise MemlensError(f"{msg}: no non-member is left")
-    return kept
-
-
 def _read_records(path: str) -> list[Record]:
     from memlens.data import read_csv, read_jsonl
 
@@ -484,7 +461,12 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
     clash = {r.id for r in members} & {r.id for r in nonmembers}
     if clash:
         raise MemlensError(f"{nonmembers_file}: ids also in {members_file}: {', '.join(sorted(clash)[:5])}")
-    nonmembers = _drop_overlaps(members, nonmembers, overlap, nonmembers_file)
+    from memlens.data.splits import handle_overlaps
+
+    nonmembers, found = handle_overlaps(members, nonmembers, overlap, where=f"{nonmembers_file}: ")
+    if not nonmembers:
+        raise MemlensError(f"{nonmembers_file}: {len({o.b_id for o in found})} non-member(s) duplicate a member "
+                           f"({sum(o.kind == 'exact' for o in found)} exact): no non-member is left")
     records = members + nonmembers
     member = np.array([1] * len(members) + [0] * len(nonmembers))
     files = {"members": file_sha256(Path(members_file)), "nonmembers": file_sha256(Path(nonmembers_file))}

@@ -215,7 +215,8 @@ def score_references(lm: Any, cfg: RunConfig, rp: ReferencePlan, audited_seqs: l
             train_s = train_reference(lm, cfg, spec, h, rp.train[j], progress)
             identity = f"reference:{h}"
             t = time.perf_counter()
-            if stats_cache(lm, lm.model, every, cfg.audit, identity=identity, min_k_pp=False).missing(every):
+            cache = stats_cache(lm, lm.model, every, cfg.audit, identity=identity, min_k_pp=False)
+            if cache.missing(every):  # load the adapter only when something is left to score
                 model = PeftModel.from_pretrained(lm.model, str(reference_dir(h)), is_trainable=False)
                 model.eval()
                 try:
@@ -224,7 +225,7 @@ def score_references(lm: Any, cfg: RunConfig, rp: ReferencePlan, audited_seqs: l
                 finally:
                     model.unload()
             else:
-                stats = cached_score(lm, lm.model, every, cfg.audit, lm.pad_id, identity=identity, min_k_pp=False)
+                stats = cache.get(every)
             cols.append(stats.mean_nll)
             cost.append({"train_s": round(train_s, 3), "score_s": round(time.perf_counter() - t, 3),
                          "trained_now": train_s > 0, "records": len(rp.train[j])})

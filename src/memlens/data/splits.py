@@ -115,6 +115,27 @@ def find_overlaps(a: list[Record], b: list[Record], threshold: float = 0.8) -> l
     return out
 
 
+def handle_overlaps(members: list[Record], nonmembers: list[Record], policy: str, threshold: float = 0.8,
+                    where: str = "") -> tuple[list[Record], list[Overlap]]:
+    """Non-members that duplicate a member, exactly or nearly: dropped with a warning (``drop``), only warned about
+    (``warn``) or refused (``error``). Returns the non-members kept and the overlaps found; ``where`` prefixes the
+    message (the setting or file it concerns)."""
+    overlaps = find_overlaps(members, nonmembers, threshold)
+    if not overlaps:
+        return nonmembers, overlaps
+    ids = sorted({o.b_id for o in overlaps})
+    msg = (f"{where}{len(ids)} non-member(s) duplicate a member ({sum(o.kind == 'exact' for o in overlaps)} "
+           f"exact): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
+    if policy == "error":
+        raise MemlensError(msg)
+    if policy == "warn":
+        log.warning(msg)
+        return nonmembers, overlaps
+    log.warning("%s; dropped from the non-members", msg)
+    dropped = set(ids)
+    return [r for r in nonmembers if r.id not in dropped], overlaps
+
+
 # ------------------------------------------------------------------------------------------------------------- splits
 
 
@@ -176,20 +197,8 @@ def make_split(corpus: Corpus, cfg: DataConfig) -> Split:
     displaced_ids = {r.id for r in displaced}
     members = [r for r in members if r.id not in displaced_ids]
 
-    overlaps = find_overlaps(members, nonmembers, cfg.near_duplicate_threshold)
-    if overlaps:
-        ids = sorted({o.b_id for o in overlaps})
-        msg = f"{len(ids)} non-member(s) duplicate a member ({sum(o.kind == 'exact' for o in overlaps)} exact): " + (
-            ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
-        )
-        if cfg.overlap == "error":
-            raise MemlensError(f"data.overlap=error: {msg}")
-        if cfg.overlap == "drop":
-            log.warning("%s; dropped from the non-members", msg)
-            dropped = set(ids)
-            nonmembers = [r for r in nonmembers if r.id not in dropped]
-        else:
-            log.warning(msg)
+    nonmembers, overlaps = handle_overlaps(members, nonmembers, cfg.overlap, cfg.near_duplicate_threshold,
+                                           f"data.overlap={cfg.overlap}: " if cfg.overlap == "error" else "")
     if not members or not nonmembers:
         raise MemlensError("the split leaves no members or no non-members")
     formatted, fmt = [], None
