@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--e2e", metavar="ARCH", help="also run `memlens run` end to end (fine-tune, references, audit, "
                     "extraction) on a random-init model of this architecture, train.device=cuda where there is one")
     ap.add_argument("--out", type=Path, help="write the JSON here too (and the e2e run's folder beside it)")
+    ap.add_argument("--profile", action="store_true", help="also profile 8 steps of memlens's training (batch 16) "
+                    "per architecture with torch.profiler; the tables go beside --out")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
@@ -78,7 +80,8 @@ def main() -> None:
                                     else 2) / 1e12}
     for arch in args.arch:
         try:
-            out[arch] = measure(arch, device, dtype, args.quick, out["bf16_roof_tflops"])
+            out[arch] = measure(arch, device, dtype, args.quick, out["bf16_roof_tflops"],
+                                profile_to=(args.out.parent if args.out else Path("/tmp")) if args.profile else None)
         except Exception as e:  # one architecture's failure (memory, an API) must not lose the others' figures
             out[arch] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         if device == "cuda":
@@ -89,7 +92,7 @@ def main() -> None:
     _emit(out, args.out)
 
 
-def measure(arch: str, device: str, dtype, quick: bool, roof_tflops: float) -> dict:
+def measure(arch: str, device: str, dtype, quick: bool, roof_tflops: float, profile_to: Path | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memlens.config import LoraConfig, TrainConfig
@@ -127,12 +130,11 @@ def measure(arch: str, device: str, dtype, quick: bool, roof_tflops: float) -> d
     ours = sum(len(s) for s in seqs) / (time.perf_counter() - t)
     res["scoring"] = {"baseline_tok_s": base, "memlens_tok_s": ours, "ratio": ours / base,
                       "mfu": ours * fpt / (out["bf16_roof_tflops"] * 1e12)}
-    if device == "cuda":  # the output head a larger chunk of target positions at a time
+    if device == "cuda":  # larger batches
         t = time.perf_counter()
-        score(model, seqs, batch_size=bs, head_chunk=4096)
+        score(model, seqs, batch_size=2048)
         sync()
-        wide = sum(len(s) for s in seqs) / (time.perf_counter() - t)
-        res["scoring"]["memlens_head_chunk_4096_tok_s"] = wide
+        res["scoring"]["memlens_batch_2048_tok_s"] = sum(len(s) for s in seqs) / (time.perf_counter() - t)
     # extraction
     prompts = [s[: split_point(len(s))] for s in seqs[:128]]
     new = [len(s) - len(p) for s, p in zip(seqs[:128], prompts)]
@@ -171,6 +173,23 @@ def measure(arch: str, device: str, dtype, quick: bool, roof_tflops: float) -> d
         res[f"training_{label}"] = {"tok_s": tok, "mfu": tok * 3 * fpt / (out["bf16_roof_tflops"] * 1e12)}
         model = pm.unload()  # the base model without the adapter, for the next loop
     res["training_ratio"] = res["training_memlens"]["tok_s"] / res["training_baseline"]["tok_s"]
+    if profile_to is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        pm, _ = apply_lora(LoadedModel(arch, model, None, 0), LoraConfig(targets=["q", "k", "v", "o"], rank=8), seed=0)
+        tc = TrainConfig(max_steps=8, batch_size=16, lr=1e-4, warmup_steps=0, seed=0)
+        train_loop(pm, train_seqs, tc, 0, False)  # warm
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            train_loop(pm, train_seqs, tc, 0, False)
+            sync()
+            res["profile_wall_s_8_steps"] = time.perf_counter() - t
+        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        (profile_to / f"profile-{arch}.txt").write_text(
+            prof.key_averages().table(sort_by=key, row_limit=30) + "\n\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        model = pm.unload()
     del model, pm
     return res
 

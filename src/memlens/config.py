@@ -137,6 +137,9 @@ class TrainConfig(_Strict):
     batching: Literal["grouped", "random"] = Field(
         "grouped", description="grouped: shuffled batches of similar-length sequences (little padding, as the "
         "Trainer's group_by_length); random: plain shuffled batches (the paper's Trainer default)")
+    loss_average: Literal["step", "epoch"] = Field(
+        "step", description="each step's loss is its summed token NLL over: step = the step's own target tokens (the "
+        "Trainer's rule); epoch = the epoch's mean target tokens per step (every token weighs the same)")
     add_bos: bool = Field(True, description="prepend the BOS token (the paper's default); it is never a target")
     max_length: int | None = Field(None, ge=2, description="truncate longer sequences (tokens, BOS included)")
     too_long: Literal["truncate", "error"] = Field(
@@ -291,6 +294,8 @@ class RunConfig(_Strict):
         # settings added later leave earlier run ids unchanged at their defaults
         if d["train"].get("too_long") == "truncate":
             d["train"].pop("too_long")
+        if d["train"].get("loss_average") == "step":
+            d["train"].pop("loss_average")
         for key, default in (("references", None), ("blind", True),
                              ("exposure", ExposureConfig().model_dump(mode="json"))):
             if d["audit"].get(key) == default:

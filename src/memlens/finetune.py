@@ -141,7 +141,7 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from memlens.scoring import pad_batch
+    from memlens.scoring import pad_batch, to_device
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,39 +158,54 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
                TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=total, loss="-", tps="-")
+
+        def finish(row: dict) -> None:
+            """Read a step's loss and gradient norm off the device (a GPU has finished the step by then)."""
+            row["loss"] = float(row["loss"])
+            row["grad_norm"] = None if row["grad_norm"] is None else float(row["grad_norm"])
+            row["elapsed_s"] = round(time.perf_counter() - t0, 4)
+            rows.append(row)
+            tps = sum(r["tokens"] for r in rows) / max(row["elapsed_s"], 1e-9)
+            bar.update(task, advance=1, loss=f"{row['loss']:.4f}", tps=f"{tps:,.0f}")
+
+        pending = None  # the step before: read once this step's work is queued, so a GPU never waits for the host
         while step < total:
             batches = epoch_batches([len(s) for s in seqs], cfg.batch_size, cfg.batching, gen)
+            # the loss's divisor: the step's own target count, or the epoch's mean per step (every token the same
+            # weight whatever the length of its batch's sequences)
+            per_step = sum(len(seqs[i]) - 1 for b in batches for i in b) / math.ceil(len(batches) / cfg.grad_accum)
             for g in range(0, len(batches), cfg.grad_accum):
                 if step >= total:
                     break
                 group = batches[g : g + cfg.grad_accum]
                 n_tokens = sum(len(seqs[i]) - 1 for b in group for i in b)  # targets: every token after the BOS
+                divisor = n_tokens if cfg.loss_average == "step" else per_step
                 loss_sum = 0.0
                 for b in group:
-                    ids, mask, labels = pad_batch([seqs[i] for i in b], pad_id)
-                    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                    ids, mask, labels = to_device(pad_batch([seqs[i] for i in b], pad_id), device)
                     with autocast(model, cfg.precision):
                         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
                     nll = torch.nn.functional.cross_entropy(
                         logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
                         reduction="sum")
-                    (nll / n_tokens).backward()
-                    loss_sum += float(nll.detach())
+                    (nll / divisor).backward()
+                    loss_sum = loss_sum + nll.detach()
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = sched.get_last_lr()[0]
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                elapsed = time.perf_counter() - t0
-                rows.append({"step": step, "epoch": epoch + (g + len(group)) / len(batches), "loss": loss_sum / n_tokens,
-                             "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-                             "sequences": sum(len(b) for b in group), "elapsed_s": round(elapsed, 4)})
-                tps = sum(r["tokens"] for r in rows) / max(elapsed, 1e-9)
-                bar.update(task, advance=1, loss=f"{loss_sum / n_tokens:.4f}", tps=f"{tps:,.0f}")
+                row = {"step": step, "epoch": epoch + (g + len(group)) / len(batches), "loss": loss_sum / n_tokens,
+                       "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "sequences": sum(len(b) for b in group)}
+                if pending is not None:
+                    finish(pending)
+                pending = row
             epoch += 1
+        if pending is not None:
+            finish(pending)
     model.eval()
     return rows
 
