@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--e2e", metavar="ARCH", help="also run `memlens run` end to end (fine-tune, references, audit, "
                     "extraction) on a random-init model of this architecture, train.device=cuda where there is one")
     ap.add_argument("--out", type=Path, help="write the JSON here too (and the e2e run's folder beside it)")
+    ap.add_argument("--attention", metavar="ARCH", help="only: scoring's first and second pass over fresh shapes "
+                    "with cuDNN attention on and off (is the first pass slow for per-shape attention plans?)")
     ap.add_argument("--profile", action="store_true", help="also profile 8 steps of memlens's training (batch 16) "
                     "per architecture with torch.profiler; the tables go beside --out")
     args = ap.parse_args()
@@ -78,6 +80,10 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "bf16_roof_tflops": roof(dtype, device, n=8192 if device == "cuda" else 1024, reps=20 if device == "cuda"
                                     else 2) / 1e12}
+    if args.attention:
+        out["attention"] = attention_passes(args.attention, device, dtype)
+        _emit(out, args.out)
+        return
     for arch in args.arch:
         try:
             out[arch] = measure(arch, device, dtype, args.quick, out["bf16_roof_tflops"],
@@ -191,6 +197,32 @@ def measure(arch: str, device: str, dtype, quick: bool, roof_tflops: float, prof
             + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         model = pm.unload()
     del model, pm
+    return res
+
+
+def attention_passes(arch: str, device: str, dtype) -> dict:
+    """tokens/s of two passes of score() over the same fresh set, cuDNN attention off then on (each with its own
+    set of sequences, so each first pass meets new shapes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memlens.scoring import score
+
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**ARCHS[arch])).to(dtype).eval()
+    res = {}
+    for seed, cudnn in ((11, False), (12, True)):
+        if device == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        g = torch.Generator().manual_seed(seed)
+        seqs = [torch.randint(3, min(1000, ARCHS[arch]["vocab_size"]), (L,), generator=g).tolist() for L in phee_like_lengths(2048, seed)]
+        passes = []
+        for _ in range(2):
+            sync()
+            t = time.perf_counter()
+            score(model, seqs, batch_size=512)
+            sync()
+            passes.append(sum(len(s) for s in seqs) / (time.perf_counter() - t))
+        res[f"cudnn_{'on' if cudnn else 'off'}_tok_s"] = passes
     return res
 
 

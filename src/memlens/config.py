@@ -137,6 +137,9 @@ class TrainConfig(_Strict):
     batching: Literal["grouped", "random"] = Field(
         "grouped", description="grouped: shuffled batches of similar-length sequences (little padding, as the "
         "Trainer's group_by_length); random: plain shuffled batches (the paper's Trainer default)")
+    packing: bool = Field(True, description="concatenate each batch's sequences into one row, attention kept "
+                          "within each sequence (the same loss as padded batches, without the padding's compute); "
+                          "checked against padding on the run's first sequences, padded where the model fails it")
     loss_average: Literal["step", "epoch"] = Field(
         "step", description="each step's loss is its summed token NLL over: step = the step's own target tokens (the "
         "Trainer's rule); epoch = the epoch's mean target tokens per step (every token weighs the same)")
@@ -296,6 +299,8 @@ class RunConfig(_Strict):
             d["train"].pop("too_long")
         if d["train"].get("loss_average") == "step":
             d["train"].pop("loss_average")
+        if d["train"].get("packing") is False:
+            d["train"].pop("packing")
         for key, default in (("references", None), ("blind", True),
                              ("exposure", ExposureConfig().model_dump(mode="json"))):
             if d["audit"].get(key) == default:

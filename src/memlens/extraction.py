@@ -153,6 +153,8 @@ def _generate_batch(model: Any, prompts: list[list[int]], max_new: list[int], de
                     out: list[list[Continuation]], *, pad_id: int, eos_id: int | None, seed: int, device: Any) -> None:
     import torch
 
+    from memlens.scoring import gpu_attention
+
     width = max(len(prompts[i]) for i in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -169,7 +171,7 @@ def _generate_batch(model: Any, prompts: list[list[int]], max_new: list[int], de
     else:
         kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=None)
     torch.manual_seed(seed)
-    with torch.inference_mode():
+    with torch.inference_mode(), gpu_attention(device):
         res = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = res.sequences[:, width:]
         # log p of each generated token from the raw logits of its step (float32 log-softmax, one step at a time)

@@ -135,13 +135,40 @@ def autocast(model: Any, precision: str) -> Any:
     return contextlib.nullcontext()
 
 
+def packing_works(model: Any, seqs: list[list[int]], pad_id: int) -> bool:
+    """Whether this model keeps attention within each sequence of a packed row (see ``scoring.pack_batch``): the
+    logits of the first training sequences packed against padded, in eval mode, agree. An architecture whose
+    attention ignores the restarting positions fails, and its batches are padded instead (logged)."""
+    import torch
+
+    from memlens.scoring import pack_batch, pad_batch
+
+    sample = [s[:24] for s in sorted(seqs[:8], key=len)[-3:]]
+    if len(sample) < 2:
+        return True
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ids, pos, _ = pack_batch(sample)
+        flat = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits[0].float()
+        ids, mask, _ = pad_batch(sample, pad_id)
+        padded = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+    model.train(was_training)
+    rows = torch.cat([padded[i, : len(s)] for i, s in enumerate(sample)])
+    ok = bool(torch.allclose(flat, rows, rtol=1e-2, atol=1e-2 * float(rows.abs().max()) + 1e-4))
+    if not ok:
+        log.warning("train.packing: this architecture attends across packed sequences; batches are padded instead")
+    return ok
+
+
 def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int, progress: bool = True) -> list[dict]:
     """Train ``model`` in place on the token sequences; returns one log row per optimizer step."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from memlens.scoring import pad_batch, to_device
+    from memlens.scoring import gpu_attention, pack_batch, pad_batch, to_device
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,12 +178,13 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     micro, total = plan_steps(len(seqs), cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.schedule))
     gen = torch.Generator().manual_seed(cfg.seed)
+    packed = cfg.packing and packing_works(model, seqs, pad_id)
     model.train()
     rows: list[dict] = []
     step, epoch, t0 = 0, 0, time.perf_counter()
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not progress, transient=False) as bar, gpu_attention(device):
         task = bar.add_task("train", total=total, loss="-", tps="-")
 
         def finish(row: dict) -> None:
@@ -182,12 +210,18 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
                 divisor = n_tokens if cfg.loss_average == "step" else per_step
                 loss_sum = 0.0
                 for b in group:
-                    ids, mask, labels = to_device(pad_batch([seqs[i] for i in b], pad_id), device)
-                    with autocast(model, cfg.precision):
-                        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                    nll = torch.nn.functional.cross_entropy(
-                        logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
-                        reduction="sum")
+                    if packed:
+                        ids, pos, targets = to_device(pack_batch([seqs[i] for i in b]), device)
+                        with autocast(model, cfg.precision):
+                            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+                    else:
+                        ids, mask, labels = to_device(pad_batch([seqs[i] for i in b], pad_id), device)
+                        targets = labels[:, 1:].reshape(-1)
+                        with autocast(model, cfg.precision):
+                            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+                        logits = logits.reshape(-1, logits.shape[-1])
+                    nll = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100,
+                                                            reduction="sum")
                     (nll / divisor).backward()
                     loss_sum = loss_sum + nll.detach()
                 grad_norm = None
