@@ -156,7 +156,8 @@ def measure(arch: str, device: str, dtype, quick: bool, roof_tflops: float, prof
     sync()
     ours = len(prompts) / (time.perf_counter() - t)
     res["extraction"] = {"baseline_cont_s": base, "memlens_cont_s": ours, "ratio": ours / base}
-    # LoRA training (q, k, v, o, r=8), batch 16: the Trainer (random batches) against memlens's loop (grouped)
+    # LoRA training (q, k, v, o, r=8), batch 16: the Trainer (random batches) against memlens's loop (its defaults:
+    # random batches, packed)
     from baseline import trainer_loop
 
     from memlens.finetune import apply_lora
@@ -164,9 +165,9 @@ def measure(arch: str, device: str, dtype, quick: bool, roof_tflops: float, prof
 
     train_seqs = seqs[:512]
     steps = 6 if quick else 20
-    loops = [("baseline", trainer_loop, "random", 16), ("memlens", train_loop, "grouped", 16)]
+    loops = [("baseline", trainer_loop, "random", 16), ("memlens", train_loop, "random", 16)]
     if device == "cuda":
-        loops.append(("memlens_batch64", train_loop, "grouped", 64))
+        loops.append(("memlens_batch64", train_loop, "random", 64))
     for label, loop, batching, batch in loops:
         pm, _ = apply_lora(LoadedModel(arch, model, None, 0), LoraConfig(targets=["q", "k", "v", "o"], rank=8),
                            seed=0)

@@ -42,7 +42,15 @@ def test_bench_quick_runs_end_to_end_on_the_tiny_model(tmp_path, phee_dir):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1  # one JSON line, nothing else on stdout
     res = json.loads(lines[0])
-    assert set(res["goals"]) == {"scoring_10x", "scoring_60pct_roof", "extraction_10x", "training_2x", "study_3x"}
+    assert set(res["goals"]) == {"scoring_10x", "scoring_60pct_roof", "extraction_10x", "training_2x", "study_3x",
+                                 "training_40pct_roof"}
+    assert res["processor"]["model"] and isinstance(res["processor"]["isa"], list)
+    tr = res["training"]
+    for k in ("train", "heldout"):  # the fit against the Trainer: means and spreads over the two seeds
+        ours = [r[k] for r in tr["runs"]["memlens"]]
+        assert len(ours) == 2 and tr["fit"]["memlens"][k]["mean"] == pytest.approx(np.mean(ours))
+        assert tr["fit"]["memlens"][k]["spread"] == pytest.approx(max(ours) - min(ours))
+        assert tr[f"{k}_within_spread"] == (abs(tr[f"{k}_nll_diff"]) <= tr[f"{k}_seed_spread"])
     sc = res["scoring"]
     assert sc["max_abs_nll_diff_fp32"] < 1e-4  # memlens in float32 reproduces the baseline's own loss
     assert sc["padding_share"] < 0.1
@@ -52,4 +60,16 @@ def test_bench_quick_runs_end_to_end_on_the_tiny_model(tmp_path, phee_dir):
     for a, row in pc["attacks"].items():
         assert row["within"] == (row["lo"] <= row[pc["precision"]] <= row["hi"]), a
     text = out.read_text()
+    assert "(c)'s fit" in text and "| heldout |" in text
     assert "(a) scoring" in text and "(d) paper-table-3.1 quick" in text and f"{sc['ratio']:.1f}x" in text
+
+
+
+def test_bench_rewrites_its_own_block_and_keeps_the_rest_of_the_page():
+    from bench import BEGIN, END, place_block
+
+    page = f"# Performance\n\n{BEGIN}\nold figures\n{END}\n\n## Memory\nkept by hand\n"
+    new = place_block(page, ["new figures"])
+    assert new == f"# Performance\n\n{BEGIN}\nnew figures\n{END}\n\n## Memory\nkept by hand\n"
+    # a page without the markers keeps all it had, the figures below it
+    assert place_block("# Notes\nmine\n", ["x"]) == f"# Notes\nmine\n\n{BEGIN}\nx\n{END}\n"

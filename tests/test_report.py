@@ -168,3 +168,48 @@ def test_report_asks_again_under_the_domain_matched_reference(tmp_path):
     for r in runs:
         assert (out / f"roc_attacks_{r.run_id[:8]}.png").is_file()
     assert (out / "exposure_vs_repetition.png").stat().st_size > 1000
+
+
+def test_report_across_seeds_means_intervals_and_csv(tmp_path):
+    import csv
+
+    import numpy as np
+
+    from memlens.report import seeds as SD
+
+    study = {"name": "s", "base": {"model": "tiny", "data": {"source": "synthetic", "synthetic_size": 300,
+                                                            "members": {"n": 20}, "nonmembers": {"n": 20}},
+                                   "train": {"epochs": 3, "batch_size": 4, "lr": 5e-3},
+                                   "audit": {"bootstrap": 50, "blind": False, "extraction": {"n": 2}}},
+             "axes": {"lora.targets": [["q"], ["v"]], "lora.rank": [2], "train.seed": [0, 1, 2]}}
+    st = StudyConfig.model_validate(study)
+    run_study(st, plan(st, None, [], str(tmp_path / "runs")), tmp_path / "s.sqlite", progress=False)
+    out = tmp_path / "rep"
+    page = build_report(tmp_path / "s.sqlite", out, study="s", n_boot=200).read_text()
+    conn = D.connect_readonly(tmp_path / "s.sqlite")
+    runs = D.load_runs(conn, "s")
+    rows = {r["targets"]: r for r in SD.seed_rows(conn, runs, "ref_ratio", n_boot=200)}
+    assert set(rows) == {"Q", "V"} and rows["Q"]["seeds"] == [0, 1, 2]
+    scores = {}
+    for t in ("Q", "V"):
+        rs = sorted((r for r in runs if r.targets == t), key=lambda r: r.seeds)
+        assert rows[t]["auc"] == pytest.approx(np.mean([r.auc("ref_ratio") for r in rs]))
+        sc = [D.sample_scores(conn, r.run_id, ["score_ref_ratio"]) for r in rs]
+        scores[t] = (sc[0]["member"], [s["score_ref_ratio"] for s in sc])
+        direct = M.seed_record_bootstrap(*scores[t], n_boot=200)
+        assert (rows[t]["auc_lo"], rows[t]["auc_hi"]) == pytest.approx((direct.lo, direct.hi))
+        assert rows[t]["auc_lo"] <= rows[t]["auc"] <= rows[t]["auc_hi"]
+        assert rows[t]["tpr1_below_resolution"]  # 20 non-members: 1% FPR is below the resolution
+    (pair,) = SD.seed_pairs(conn, runs, "ref_ratio", n_boot=200)
+    assert (pair["a"], pair["b"], pair["seeds_a"], pair["seeds_b"]) == ("V", "Q", 3, 3)
+    assert pair["auc_diff"] == pytest.approx(rows["V"]["auc"] - rows["Q"]["auc"])
+    direct = M.seed_record_bootstrap(scores["V"][0], scores["V"][1], scores["Q"][1], n_boot=200)
+    assert (pair["auc_lo"], pair["auc_hi"]) == pytest.approx((direct.lo, direct.hi))
+    assert "Across training seeds" in page and f"{pair['auc_diff']:+.3f}" in page
+    with (out / "runs.csv").open() as fh:
+        csv_runs = list(csv.DictReader(fh))
+    assert len(csv_runs) == 6 and {r["train_seed"] for r in csv_runs} == {"0", "1", "2"}
+    assert not any("text" in k for k in csv_runs[0])  # metrics only, no per-record data
+    with (out / "seed-pairs.csv").open() as fh:
+        (csv_pair,) = list(csv.DictReader(fh))
+    assert float(csv_pair["auc_diff"]) == pytest.approx(pair["auc_diff"])

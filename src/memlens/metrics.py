@@ -223,3 +223,72 @@ def paired_difference(y_true, scores_a, scores_b, metric: str = "auc", n_boot: i
     lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     fa, fb = f(y, a), f(y, b)
     return PairedDifference(metric, fa, fb, fa - fb, float(lo), float(hi), n_boot)
+
+
+@dataclass(frozen=True)
+class SeedRecordInterval:
+    """The mean of a metric over training seeds (or the difference of two such means), with a two-level bootstrap
+    interval that counts both the seed and the record variation."""
+
+    metric: str
+    value: float
+    lo: float
+    hi: float
+    n_seeds: tuple[int, ...]  # seeds of each configuration
+    n_members: int
+    n_nonmembers: int
+    n_boot: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _metric_fn(metric: str):
+    if metric == "auc":
+        return _auc_from_ranks
+    if metric.startswith("tpr@"):
+        x = float(metric[4:])
+        return lambda yy, ss: _tpr_by_count(yy, ss, x)
+    raise ValueError(f"unknown metric {metric!r}: expected 'auc' or 'tpr@X'")
+
+
+def seed_record_bootstrap(y_true, runs, others=None, metric: str = "auc", n_boot: int = 1000, level: float = 0.95,
+                          seed: int = 0) -> SeedRecordInterval:
+    """Mean of ``metric`` over ``runs`` (score vectors of one configuration's training seeds, all on the same
+    records ``y_true``); with ``others``, the mean over ``runs`` minus the mean over ``others`` (another
+    configuration on the same records).
+
+    Two-level percentile bootstrap: each replicate draws the records with replacement (members and non-members
+    apart; one draw shared by every run, so that record-level noise common to the configurations cancels in a
+    difference), then each configuration's seeds with replacement (apart: seed i of one configuration has nothing to
+    do with seed i of another), and takes the mean(s) of the metric over the drawn seeds. The drawn seeds' deviation
+    from the mean of all seeds is scaled by sqrt(S / (S - 1)), so that the seed variance is not underestimated by
+    the factor (S - 1) / S. With few seeds the interval is still approximate: a mean of 3 seeds has a t-like
+    spread that a resampling of 3 values cannot show, so read it as a lower bound of the uncertainty.
+    """
+    f = _metric_fn(metric)
+    y = np.asarray(y_true).astype(int).ravel()
+    groups = [[_check(y, s)[1] for s in runs]] + ([[_check(y, s)[1] for s in others]] if others is not None else [])
+    if any(len(g) == 0 for g in groups):
+        raise ValueError("each configuration needs at least one run")
+    n_seeds = tuple(len(g) for g in groups)
+    if not _two_classes(y):
+        return SeedRecordInterval(metric, float("nan"), float("nan"), float("nan"), n_seeds, int(y.sum()),
+                                  int((y == 0).sum()), n_boot)
+    rng = np.random.default_rng(seed)
+
+    def mean_over_seeds(values: np.ndarray, drawn: bool) -> float:
+        full = float(values.mean())
+        if not drawn or values.size == 1:
+            return full
+        picked = float(values[rng.integers(0, values.size, values.size)].mean())
+        return full + math.sqrt(values.size / (values.size - 1)) * (picked - full)
+
+    def replicate(idx, drawn: bool) -> float:
+        means = [mean_over_seeds(np.array([f(y[idx], run[idx]) for run in g]), drawn) for g in groups]
+        return means[0] - means[1] if len(means) == 2 else means[0]
+
+    reps = np.array([replicate(i, True) for i in _bootstrap_indices(y, n_boot, seed)])
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return SeedRecordInterval(metric, float(replicate(np.arange(y.size), False)), float(lo), float(hi), n_seeds,
+                              int(y.sum()), int((y == 0).sum()), n_boot)

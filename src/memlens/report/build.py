@@ -21,6 +21,7 @@ from memlens.report import audit_tables as AT
 from memlens.report import data as D
 from memlens.report import figures as F
 from memlens.report import paper
+from memlens.report import seeds as SD
 
 TARGET_ORDER = {"Q": 0, "K": 1, "V": 2, "O": 3, "Q+K": 4, "Q+K+V+O": 5}
 
@@ -253,6 +254,11 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
 
     table = table_rows(runs, attack)
     pairs = paired_rows(conn, runs, attack, n_boot)
+    across = {"rows": SD.seed_rows(conn, runs, attack, n_boot), "pairs": SD.seed_pairs(conn, runs, attack, n_boot)}
+    across["verdict"] = verdict_text([{"verdict": p["auc_verdict"]} for p in across["pairs"]]) if across["pairs"] \
+        else None
+    SD.write_csv(out / "runs.csv", SD.run_rows(runs, attack))
+    SD.write_csv(out / "seed-pairs.csv", across["pairs"])
     domain = None
     if attack != "ref_lora" and any(r.metric("auc", "ref_lora") for r in runs):
         dpairs = paired_rows(conn, runs, "ref_lora", n_boot)
@@ -273,7 +279,7 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
     page = env.get_template("report.html").render(
         title=f"memlens report{': ' + study if study else ''}", generated=dt.datetime.now().isoformat(timespec="seconds"),
         version=__version__, store=str(store), attack=attack, runs=runs, table=table, pairs=pairs,
-        verdict=verdict_text(pairs), figures=figs, domain=domain,
+        verdict=verdict_text(pairs), figures=figs, domain=domain, across=across,
         audits=[AT.attack_table(r) for r in runs[:30]], fprs=AT.FPRS, notes=notes, models=models, paper_source=paper.SOURCE,
         fmt=_fmt, examples=examples, escape=html.escape)
     path = out / "report.html"
