@@ -127,3 +127,41 @@ def test_smollm2_alias_prepares_and_loads_offline():
     model, tmap = apply_lora(lm, LoraConfig(targets=["q", "k", "v", "o"], rank=8), seed=0)
     # MODELS.md: SmolLM2 at r=8: q 276,480, k 184,320, v 184,320, o 276,480 trainable parameters
     assert trainable_by_target(model, tmap) == {"q": 276_480, "k": 184_320, "v": 184_320, "o": 276_480}
+
+
+@pytest.mark.slow
+def test_gemma3_alias_prepares_fine_tunes_and_audits_offline(tmp_path):
+    """Gemma-3-270m from its PyPI packages (in this test's empty cache: assembled, checked, converted), then a LoRA
+    run and its audit on a few sentences; its 262,144-token output head runs only on target positions."""
+    import json
+
+    from memlens.audit import run_config
+    from memlens.config import load_config
+    from memlens.scoring import head_plan
+
+    lm = load_model("gemma3-270m")
+    assert lm.info["model_type"] == "gemma3_text" and lm.info["parameters"] == 268_098_176
+    assert lm.model.config.vocab_size == 262_144 and head_plan("cpu", 262_144) == (256, 32)
+    seqs = lm.encode(["Phenobarbital hepatotoxicity in an 8-month-old infant."])
+    assert seqs[0][0] == lm.bos_id == 2 and seqs[0][1] != 2  # one BOS: memlens adds none of its own
+    assert 2 < float(score(lm.model, seqs).perplexity[0]) < 200
+    texts = ["A 45-year-old woman developed acute hepatitis after amiodarone 200 mg daily.",
+             "Carbamazepine-induced rash in a child.", "Serotonin syndrome after linezolid and sertraline.",
+             "Lithium toxicity presenting as ataxia.", "Vancomycin-associated thrombocytopenia in an adult.",
+             "Cisplatin ototoxicity in two children.", "Isoniazid hepatitis during latent TB therapy.",
+             "Propofol infusion syndrome after prolonged sedation."]
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "text": t, "split": "train" if i < 4 else "test"}) + "\n"
+                            for i, t in enumerate(texts)))
+    cfg = load_config(None, ["model=gemma3-270m", f"data.source=jsonl:{data}", "data.members.n=4",
+                             "data.nonmembers.n=4", "lora.targets=[v]", "lora.rank=2", "train.max_steps=6",
+                             "train.batch_size=4", "train.lr=5.0e-3", "train.warmup_steps=0",
+                             "audit.extraction.n=2", "audit.blind=false", f"output_dir={tmp_path / 'runs'}"])
+    res = run_config(cfg, progress=False)
+    s = res.summary
+    assert s["model"]["model_type"] == "gemma3_text" and s["adapter_changed"] and s["steps"] == 6
+    assert s["n_members"] == 4 and s["n_nonmembers"] == 4
+    assert s["last_loss"] < s["first_loss"]  # six steps on four sentences: it learns them
+    for name, a in s["attacks"].items():
+        assert 0 <= a["auc"] <= 1, name
+    assert (res.run_dir / "adapter" / "adapter_model.safetensors").is_file()
