@@ -282,3 +282,41 @@ def test_packing_falls_back_to_padding_where_attention_crosses_sequences(monkeyp
     monkeypatch.setattr(S, "pack_batch", one_long_sequence)
     assert not packing_works(lm.model, seqs, lm.pad_id)
     assert "padded instead" in caplog.text
+
+
+def test_frozen_linears_in_bf16_train_bit_for_bit_as_autocast_alone_and_are_restored(monkeypatch):
+    import contextlib
+
+    import torch
+
+    import memlens.finetune as F
+    from memlens.config import LoraConfig, TrainConfig
+    from memlens.data import synthetic
+    from memlens.models import build_tiny
+
+    out = []
+    for held in (True, False):
+        if not held:
+            monkeypatch.setattr(F, "frozen_linears_at", lambda m, p: contextlib.nullcontext())
+        lm = build_tiny()
+        before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+        seqs = lm.encode([r.text for r in synthetic.generate(64, seed=3)])
+        model, _ = F.apply_lora(lm, LoraConfig(targets=["q", "v", "o"], rank=4), seed=0)
+        seen = []
+        real = model.forward
+
+        def spy(*a, **k):  # the dtype of a frozen projection while training
+            seen.append(model.get_submodule("base_model.model.model.layers.0.self_attn.k_proj").weight.dtype)
+            return real(*a, **k)
+
+        monkeypatch.setattr(model, "forward", spy)
+        rows = F.train_loop(model, seqs, TrainConfig(max_steps=6, batch_size=8, lr=1e-2, warmup_steps=0,
+                                                     precision="bfloat16"), lm.pad_id, progress=False)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in
+                model.named_parameters() if "lora_" not in n}
+        assert all(torch.equal(base[n], before[n]) for n in before)  # the float32 base, untouched
+        out.append(([r["loss"] for r in rows], weights, set(seen[2:])))  # after packing_works's two checks
+    (l1, w1, d1), (l2, w2, d2) = out
+    assert d1 == {torch.bfloat16} and d2 == {torch.float32}
+    assert l1 == l2 and all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -7,6 +7,7 @@ BOS, averaged over the tokens of each optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -135,6 +136,32 @@ def autocast(model: Any, precision: str) -> Any:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def frozen_linears_at(model: Any, precision: str):
+    """Within: under bf16 autocast, the frozen ``nn.Linear`` weights held in bfloat16, so that autocast does not cast
+    them again at every step (it caches casts only of weights that require grad); restored to the very float32
+    tensors after. The products are the same bf16 products autocast computes: the losses and the adapter come out
+    bit for bit the same. Weights shared with an embedding (a tied output head) and trainable ones are left alone."""
+    import torch
+
+    if not isinstance(autocast(model, precision), torch.autocast):
+        yield
+        return
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = []
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (type(m) is torch.nn.Linear and w is not None and not w.requires_grad and w.dtype == torch.float32
+                and id(w) not in shared):
+            saved.append((m, w))
+            m.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, w in saved:
+            m.weight = w
+
+
 def packing_works(model: Any, seqs: list[list[int]], pad_id: int) -> bool:
     """Whether this model keeps attention within each sequence of a packed row (see ``scoring.pack_batch``): the
     logits of the first training sequences packed against padded, in eval mode, agree. An architecture whose
@@ -184,7 +211,8 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     step, epoch, t0 = 0, 0, time.perf_counter()
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar, gpu_attention(device):
+    with Progress(*columns, disable=not progress, transient=False) as bar, gpu_attention(device), \
+            frozen_linears_at(model, cfg.precision):
         task = bar.add_task("train", total=total, loss="-", tps="-")
 
         def finish(row: dict) -> None:
