@@ -320,3 +320,29 @@ def test_frozen_linears_in_bf16_train_bit_for_bit_as_autocast_alone_and_are_rest
     (l1, w1, d1), (l2, w2, d2) = out
     assert d1 == {torch.bfloat16} and d2 == {torch.float32}
     assert l1 == l2 and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_each_step_is_timed_when_it_ends_on_a_cpu(monkeypatch):
+    """On a CPU a step's elapsed time is stamped when that step ends (the GPU's one-step-late read is GPU-only)."""
+    import time as _time
+
+    from memlens.config import LoraConfig, TrainConfig
+    from memlens.data import synthetic
+    from memlens.finetune import apply_lora, train_loop
+    from memlens.models import build_tiny
+
+    lm = build_tiny()
+    seqs = lm.encode([r.text for r in synthetic.generate(32, seed=3)])
+    model, _ = apply_lora(lm, LoraConfig(targets=["q"], rank=2), seed=0)
+    real = model.forward
+
+    def slow(*a, **k):
+        _time.sleep(0.2)
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "forward", slow)
+    rows = train_loop(model, seqs, TrainConfig(max_steps=4, batch_size=8, grad_accum=2, warmup_steps=0,
+                                               packing=False), lm.pad_id, progress=False)
+    gaps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]
+    # two forwards of 0.2 s in every step; a stamp one step late would give the last two rows the same time
+    assert len(rows) == 4 and all(g >= 0.35 for g in gaps), gaps

@@ -213,3 +213,33 @@ def test_report_across_seeds_means_intervals_and_csv(tmp_path):
     with (out / "seed-pairs.csv").open() as fh:
         (csv_pair,) = list(csv.DictReader(fh))
     assert float(csv_pair["auc_diff"]) == pytest.approx(pair["auc_diff"])
+
+
+def test_across_seeds_leaves_out_runs_whose_records_play_other_roles():
+    """Three runs of one configuration whose data seeds put the same records into other roles: no mean over them
+    (scoring one run's scores against another's labels would be wrong), and no row at all."""
+    import json
+    import sqlite3
+
+    import numpy as np
+
+    from memlens.report import seeds as SD
+    from memlens.store import SCHEMA
+
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(SCHEMA)
+    ids = [f"r{i:03d}" for i in range(40)]
+    for k, data_seed in enumerate((0, 0, 1)):
+        cfg = {"model": "m", "lora": {"targets": ["v"], "rank": 1}, "train": {"seed": k}, "data": {"seed": data_seed}}
+        member = np.zeros(40, int)
+        member[np.random.default_rng(data_seed).permutation(40)[:20]] = 1
+        conn.execute("INSERT INTO runs (run_id, name, study, created, config_json, summary_json) VALUES (?,?,?,?,?,?)",
+                     (f"run{k}", f"run{k}", None, k, json.dumps(cfg), "{}"))
+        for i, m in zip(ids, member):
+            conn.execute("INSERT INTO samples VALUES (?,?,?,?,?,?)", (f"run{k}", i, int(m), "", int(m), None))
+            conn.execute('INSERT INTO "values" VALUES (?,?,?,?)', (f"run{k}", i, "score_loss", float(m)))
+    runs = D.load_runs(conn)
+    assert SD.seed_rows(conn, runs, "loss", n_boot=50) == []
+    same = [r for r in runs if r.seeds[1] == 0]  # the two runs with data seed 0: one mean, AUC 1 each
+    (row,) = SD.seed_rows(conn, same, "loss", n_boot=50)
+    assert row["auc"] == 1.0 and row["seeds"] == [0, 1]

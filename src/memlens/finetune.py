@@ -216,7 +216,9 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
         task = bar.add_task("train", total=total, loss="-", tps="-")
 
         def finish(row: dict) -> None:
-            """Read a step's loss and gradient norm off the device (a GPU has finished the step by then)."""
+            """Read a step's loss and gradient norm off the device. On a GPU this runs one step late, so a step's
+            time there is when the host got to read it (late by up to one step's host time when the host is the
+            bottleneck): benchmarks time a whole loop instead."""
             row["loss"] = float(row["loss"])
             row["grad_norm"] = None if row["grad_norm"] is None else float(row["grad_norm"])
             row["elapsed_s"] = round(time.perf_counter() - t0, 4)
@@ -224,7 +226,7 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
             tps = sum(r["tokens"] for r in rows) / max(row["elapsed_s"], 1e-9)
             bar.update(task, advance=1, loss=f"{row['loss']:.4f}", tps=f"{tps:,.0f}")
 
-        pending = None  # the step before: read once this step's work is queued, so a GPU never waits for the host
+        pending = None  # on a GPU, the step before: read once this step's work is queued, so the GPU never waits
         while step < total:
             batches = epoch_batches([len(s) for s in seqs], cfg.batch_size, cfg.batching, gen)
             # the loss's divisor: the step's own target count, or the epoch's mean per step (every token the same
@@ -265,6 +267,9 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
                 if pending is not None:
                     finish(pending)
                 pending = row
+                if device.type != "cuda":  # the host computed the step itself: its time is now
+                    finish(pending)
+                    pending = None
             epoch += 1
         if pending is not None:
             finish(pending)

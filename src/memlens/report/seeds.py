@@ -24,15 +24,17 @@ TPR_AT = 0.01
 
 
 def _scores(conn, runs: list[D.RunView], attack: str) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """The member labels and each run's scores on their common records, or None when the runs differ in records."""
+    """The member labels and each run's scores on their common records; None when the runs differ in their records
+    or in which of them are members (another data seed can draw the same records into other roles)."""
     y, ids, vectors = None, None, []
     for r in runs:
         sc = D.sample_scores(conn, r.run_id, [f"score_{attack}"])
-        keep = [k for k, i in enumerate(sc["ids"]) if i not in D.canary_ids(conn, r.run_id)]
+        canaries = D.canary_ids(conn, r.run_id)
+        keep = [k for k, i in enumerate(sc["ids"]) if i not in canaries]
         run_ids = [sc["ids"][k] for k in keep]
         if ids is None:
             ids, y = run_ids, sc["member"][keep]
-        elif run_ids != ids:
+        elif run_ids != ids or not np.array_equal(sc["member"][keep], y):
             return None
         vectors.append(sc[f"score_{attack}"][keep])
     if any(not np.isfinite(v).all() for v in vectors):
@@ -41,10 +43,12 @@ def _scores(conn, runs: list[D.RunView], attack: str) -> tuple[np.ndarray, list[
 
 
 def _configurations(runs: list[D.RunView]) -> dict[str, list[D.RunView]]:
-    groups: dict[str, list[D.RunView]] = defaultdict(list)
+    """Runs grouped by configuration (all but the seeds), one run per seed pair (the first stored), with two or
+    more seeds."""
+    groups: dict[str, dict[tuple, D.RunView]] = defaultdict(dict)
     for r in runs:
-        groups[r.key].append(r)
-    return {k: sorted(rs, key=lambda r: r.seeds) for k, rs in groups.items() if len({r.seeds for r in rs}) >= 2}
+        groups[r.key].setdefault(r.seeds, r)
+    return {k: [by[s] for s in sorted(by)] for k, by in groups.items() if len(by) >= 2}
 
 
 def seed_rows(conn, runs: list[D.RunView], attack: str, n_boot: int = 1000) -> list[dict[str, Any]]:
