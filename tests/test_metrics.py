@@ -125,3 +125,66 @@ def test_paired_difference_is_tighter_than_independent_intervals():
     assert t.a == M.tpr_at_fpr(y, a, 0.1).tpr
     same = M.paired_difference(y, a, a, "auc", n_boot=100)
     assert same.diff == 0 and same.lo == 0 and same.hi == 0
+
+
+def _seed_runs(rng, n_seeds, mu, tau, n=150):
+    """Scores of n members and n non-members for each training seed: members ~ N(mu + seed effect, 1)."""
+    y = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    runs = []
+    for _ in range(n_seeds):
+        shift = mu + tau * rng.standard_normal()
+        runs.append(np.r_[rng.normal(shift, 1, n), rng.normal(0, 1, n)])
+    return y, runs
+
+
+def test_seed_record_bootstrap_of_one_run_is_the_record_bootstrap():
+    rng = np.random.default_rng(0)
+    y, runs = _seed_runs(rng, 1, 0.8, 0.0)
+    r = M.seed_record_bootstrap(y, runs, n_boot=300, seed=4)
+    assert r.value == pytest.approx(M.auc(y, runs[0]))
+    assert (r.lo, r.hi) == pytest.approx(M.bootstrap_auc_ci(y, runs[0], n_boot=300, seed=4))
+    t = M.seed_record_bootstrap(y, runs, metric="tpr@0.05", n_boot=300, seed=4)
+    assert t.value == pytest.approx(M.tpr_at_fpr(y, runs[0], 0.05).tpr)
+    assert (t.lo, t.hi) == pytest.approx(M.bootstrap_tpr_ci(y, runs[0], 0.05, n_boot=300, seed=4))
+    # identical seeds: drawing seeds changes nothing
+    same = M.seed_record_bootstrap(y, runs * 3, n_boot=300, seed=4)
+    assert (same.value, same.lo, same.hi) == pytest.approx((r.value, r.lo, r.hi))
+
+
+def test_seed_record_bootstrap_covers_the_mean_over_seeds_where_records_alone_do_not():
+    """Seeds that vary much: the two-level interval covers the expected AUC over seeds far more often than the
+    bootstrap of the records alone (the same seeds in every replicate), which ignores the seed variation.
+    Measured on this set-up: 0.88 coverage over 390 simulations (0.78 to 0.93 in blocks of 60 with other generator
+    seeds; 0.88 with 3 seeds instead of 6), against 0.30 to 0.33 for the records alone."""
+    rng = np.random.default_rng(2)
+    mu, tau, sims = 0.8, 0.6, 60
+    # the expected AUC over seeds: E[Phi((mu + tau Z) / sqrt 2)], by quadrature
+    z, w = np.polynomial.hermite_e.hermegauss(40)
+    truth = float(np.sum(w * stats.norm.cdf((mu + tau * z) / np.sqrt(2))) / np.sum(w))
+    two_level = records_only = 0
+    for s in range(sims):
+        y, runs = _seed_runs(rng, 6, mu, tau)
+        r = M.seed_record_bootstrap(y, runs, n_boot=200, seed=s)
+        two_level += r.lo <= truth <= r.hi
+        reps = [np.mean([M.auc(y[i], x[i]) for x in runs]) for i in M._bootstrap_indices(y, 200, s)]
+        lo, hi = np.quantile(reps, [0.025, 0.975])
+        records_only += lo <= truth <= hi
+    assert two_level / sims >= 0.8
+    assert records_only / sims <= 0.5
+
+
+def test_seed_record_difference_pairs_the_records():
+    rng = np.random.default_rng(2)
+    y, runs = _seed_runs(rng, 3, 0.8, 0.05)
+    weaker = [np.where(y == 1, x - 0.3, x) for x in runs]  # the same records, less member signal
+    d = M.seed_record_bootstrap(y, runs, weaker, n_boot=300)
+    assert d.n_seeds == (3, 3)
+    assert d.value == pytest.approx(np.mean([M.auc(y, x) for x in runs]) - np.mean([M.auc(y, x) for x in weaker]))
+    assert 0 < d.lo < d.value < d.hi
+    # one seed each: nearly the same scores differ by nearly nothing, the shared record draw cancelling
+    alike = runs[0] + 1e-3 * rng.standard_normal(runs[0].size)
+    n = M.seed_record_bootstrap(y, runs[:1], [alike], n_boot=300)
+    assert n.lo <= 0 <= n.hi and n.hi - n.lo < 0.01
+    # several seeds each: the seeds are drawn apart, so the seed variation widens the interval of the same runs
+    wide = M.seed_record_bootstrap(y, runs, runs, n_boot=300)
+    assert wide.value == 0 and wide.hi - wide.lo > 5 * (n.hi - n.lo)
