@@ -85,19 +85,6 @@ def records(n: int, seed: int = 0) -> tuple[list[str], str]:
     return [pool[i].text for i in idx], source
 
 
-def processor() -> dict:
-    """The CPU's model name and the instruction sets that decide its matrix-product speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": platform.processor() or "unknown", "isa": []}
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    return {"model": model, "isa": [f for f in wanted if f in flags]}
-
-
 def phee_train_heldout() -> tuple[list[str], list[str]]:
     """Every PHEE train sentence, and the test split as held-out texts."""
     from memlens.config import DataConfig
@@ -356,6 +343,7 @@ def main() -> None:
                     "(hours on 2 cores)")
     args = ap.parse_args()
     from memlens.models import load_model, resolve_precision
+    from memlens.provenance import processor
 
     n_score, n_extract, steps, cells = (256, 64, 20, 1) if args.quick else (1280, 256, 60, None)
     texts, source = records(max(n_score, 512))

@@ -34,7 +34,30 @@ def _read_versions() -> dict[str, Any]:
     commit = git_commit()
     if commit:
         out["memlens_git"] = commit
+    out["processor"] = processor()
     return out
+
+
+def processor() -> dict[str, Any]:
+    """The CPU's model name, the instruction sets that decide its matrix-product speed (AVX-512, its bf16 and VNNI
+    forms, AMX), and the threads torch uses: memlens's speed, and which bf16 path it takes, depend on them."""
+    import os
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = None
+    return {"model": model, "isa": [f for f in wanted if f in flags], "cores": os.cpu_count(), "torch_threads": threads}
 
 
 def git_commit() -> str | None:
