@@ -225,10 +225,19 @@ def test_precision_auto_follows_the_hardware_and_training_autocasts(monkeypatch)
 def test_pack_batch_targets_stay_within_each_sequence():
     from memlens.scoring import pack_batch
 
-    ids, pos, labels = pack_batch([[1, 5, 6], [1, 7], [1, 8, 9, 10]])
-    assert ids.tolist() == [[1, 5, 6, 1, 7, 1, 8, 9, 10]]
-    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert labels.tolist() == [5, 6, -100, 7, -100, 8, 9, 10, -100]
+    batch = [[1, 5, 6], [1, 7], [1, 8, 9, 10]]
+    ids, pos, labels = pack_batch(batch)  # 9 tokens: one row, longest first
+    assert ids.tolist() == [[1, 8, 9, 10, 1, 5, 6, 1, 7]]
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert labels.tolist() == [8, 9, 10, -100, 5, 6, -100, 7, -100]
+    # rows of about 4 tokens: each sequence to the shortest row, longest first; padding ends the short rows as a
+    # sequence of its own (positions restart) that is never a target
+    ids, pos, labels = pack_batch(batch, pad_id=0, row_length=4)
+    assert ids.tolist() == [[1, 8, 9, 10], [1, 5, 6, 0], [1, 7, 0, 0]]
+    assert pos.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert labels.tolist() == [8, 9, 10, -100, 5, 6, -100, -100, 7, -100, -100, -100]
+    # every target of the padded batch, once
+    assert sorted(t for t in labels.tolist() if t != -100) == sorted(t for s in batch for t in s[1:])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -275,9 +284,9 @@ def test_packing_falls_back_to_padding_where_attention_crosses_sequences(monkeyp
     assert packing_works(lm.model, seqs, lm.pad_id)
     real = S.pack_batch
 
-    def one_long_sequence(batch):  # positions that never restart: attention runs across the whole row
-        ids, _, labels = real(batch)
-        return ids, torch.arange(ids.shape[1])[None], labels
+    def one_long_sequence(batch, *args, **kwargs):  # positions that never restart: attention crosses the row
+        ids, _, labels = real(batch, *args, **kwargs)
+        return ids, torch.arange(ids.shape[1]).expand_as(ids), labels
 
     monkeypatch.setattr(S, "pack_batch", one_long_sequence)
     assert not packing_works(lm.model, seqs, lm.pad_id)

@@ -170,14 +170,15 @@ def packing_works(model: Any, seqs: list[list[int]], pad_id: int) -> bool:
 
     from memlens.scoring import pack_batch, pad_batch
 
-    sample = [s[:24] for s in sorted(seqs[:8], key=len)[-3:]]
+    # the three longest of the first eight, longest first: the order pack_batch lays them out in
+    sample = [s[:24] for s in sorted(seqs[:8], key=len, reverse=True)[:3]]
     if len(sample) < 2:
         return True
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        ids, pos, _ = pack_batch(sample)
+        ids, pos, _ = pack_batch(sample, pad_id, row_length=10**9)  # one row: attention must stay within each
         flat = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits[0].float()
         ids, mask, _ = pad_batch(sample, pad_id)
         padded = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
@@ -241,9 +242,10 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
                 loss_sum = 0.0
                 for b in group:
                     if packed:
-                        ids, pos, targets = to_device(pack_batch([seqs[i] for i in b]), device)
+                        ids, pos, targets = to_device(pack_batch([seqs[i] for i in b], pad_id), device)
                         with autocast(model, cfg.precision):
-                            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+                            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+                        logits = logits.reshape(-1, logits.shape[-1])
                     else:
                         ids, mask, labels = to_device(pad_batch([seqs[i] for i in b], pad_id), device)
                         targets = labels[:, 1:].reshape(-1)

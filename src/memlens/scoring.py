@@ -39,19 +39,43 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0):
     return ids, mask, labels
 
 
-def pack_batch(seqs: list[list[int]]):
-    """Token id lists concatenated into one row: (input_ids (1, T), position_ids (1, T) restarting at 0 for each
-    sequence, labels (T,)), where labels[p] is the token after p within its sequence and -100 at each sequence's last
-    token. With no attention mask, transformers keeps attention within each sequence (it reads the sequences off
-    the restarting positions), so a packed batch computes what a padded one does, without the padding."""
+def pack_batch(seqs: list[list[int]], pad_id: int = 0, row_length: int | None = None):
+    """Token id lists packed into rows: (input_ids (R, T), position_ids (R, T) restarting at 0 for each sequence,
+    labels (R * T,)), where a label is the token after its position within the same sequence, and -100 at each
+    sequence's last token and on the padding that evens the rows out at their ends. With no attention mask,
+    transformers keeps attention within each sequence (it reads the sequences off the restarting positions; the
+    padding, last in its row, is seen by no real token under causal attention), so a packed batch computes what a
+    padded one does, without most of the padding.
+
+    Rows: ``row_length`` None = about max(longest sequence, 64) tokens each, the sequences dealt longest first to the
+    shortest row, so that attention, which costs the square of a row's length, stays near the padded batch's
+    (one row of 16 PHEE sentences made attention 22% of a training step); a large ``row_length`` gives one row.
+    """
     import torch
 
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    pos = torch.tensor([p for s in seqs for p in range(len(s))], dtype=torch.long)
-    labels = torch.cat([ids[1:], torch.tensor([-100])])
-    ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
-    labels[ends] = -100
-    return ids[None], pos[None], labels
+    longest, total = max(len(s) for s in seqs), sum(len(s) for s in seqs)
+    n_rows = max(1, math.ceil(total / max(row_length or max(longest, 64), longest)))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    fill = [0] * n_rows
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        r = min(range(n_rows), key=lambda r: fill[r])
+        rows[r].append(i)
+        fill[r] += len(seqs[i])
+    width = max(fill)
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((n_rows, width), dtype=torch.long)
+    labels = torch.full((n_rows, width), -100, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            seq = torch.tensor(seqs[i], dtype=torch.long)
+            n = len(seq)
+            ids[r, at : at + n] = seq
+            pos[r, at : at + n] = torch.arange(n)
+            labels[r, at : at + n - 1] = seq[1:]
+            at += n
+        pos[r, at:] = torch.arange(width - at)  # the padding: a sequence of its own, after every real token
+    return ids, pos, labels.reshape(-1)
 
 
 def gpu_attention(device: Any) -> Any:
