@@ -57,7 +57,8 @@ def main() -> None:
     from memlens.config import load_config
 
     wrap(torch.optim.AdamW, "step", "train_step")  # every optimizer step, references' and runs' alike
-    wrap(SC, "pad_batch", "batch")  # every training and scoring batch
+    wrap(SC, "pad_batch", "batch")  # every scoring batch (and padded training batch)
+    wrap(SC, "pack_batch", "batch")  # every packed training batch
     wrap(E, "_generate_batch", "generate")  # every extraction batch
     wrap(np, "savez", "stats_cache_write", after=True)  # a statistics cache file written, not yet renamed
     wrap(R, "train_reference", "reference_trained", after=True)  # a reference kept, its statistics not yet
