@@ -104,9 +104,10 @@ def epoch_batches(lengths: list[int], batch_size: int, batching: str, gen: Any) 
     """One epoch's micro-batches of indices, every sequence once.
 
     ``random``: a shuffled order cut into batches (the paper's Trainer default; padded, about half of the tokens of
-    a PHEE batch would be padding, which packing removes). ``grouped``: the shuffled order is cut into mega-batches of 50 batches, each sorted by length
-    jittered by a random factor in [e^-0.1, e^0.1] (so that batches differ from epoch to epoch, as with random
-    batches) and cut into batches, whose order is then shuffled: padding falls to 10-20% on PHEE.
+    a PHEE batch would be padding, which packing removes). ``grouped``: the shuffled order is cut into mega-batches
+    of 50 batches, each sorted by length jittered by a random factor in [e^-0.1, e^0.1] (so that batches differ from
+    epoch to epoch, as with random batches) and cut into batches, whose order is then shuffled: padding falls to
+    10-20% on PHEE.
     """
     import torch
 
