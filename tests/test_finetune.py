@@ -306,7 +306,8 @@ def test_frozen_linears_in_bf16_train_bit_for_bit_as_autocast_alone_and_are_rest
     out = []
     for held in (True, False):
         if not held:
-            monkeypatch.setattr(F, "frozen_linears_at", lambda m, p: contextlib.nullcontext())
+            monkeypatch.setattr(F, "frozen_linears_at",
+                                lambda m, p: contextlib.nullcontext(contextlib.nullcontext))
         lm = build_tiny()
         before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
         seqs = lm.encode([r.text for r in synthetic.generate(64, seed=3)])

@@ -243,3 +243,45 @@ def test_across_seeds_leaves_out_runs_whose_records_play_other_roles():
     same = [r for r in runs if r.seeds[1] == 0]  # the two runs with data seed 0: one mean, AUC 1 each
     (row,) = SD.seed_rows(conn, same, "loss", n_boot=50)
     assert row["auc"] == 1.0 and row["seeds"] == [0, 1]
+
+
+def test_report_privacy_sections_trajectories_dp_frontier_and_factors(tmp_path):
+    pytest.importorskip("opacus")
+    from memlens import frontier as FR
+    from memlens.report import privacy as PV
+
+    study = {"name": "pu", "base": {"model": "tiny", "data": {"source": "synthetic", "synthetic_size": 300,
+                                                             "members": {"n": 24}, "nonmembers": {"n": 24},
+                                                             "canary": {"one_run": {"count": 20}}},
+                                    "lora": {"rank": 4},
+                                    "train": {"epochs": 3, "batch_size": 4, "lr": 5e-3},
+                                    "audit": {"bootstrap": 50, "blind": False, "extraction": None,
+                                              "checkpoints": {"at": [0.5]}}},
+             "axes": {"lora.targets": [["q"], ["v"]], "train.dp": [None, {"noise_multiplier": 0.8}],
+                      "train.seed": [0, 1]}}
+    st = StudyConfig.model_validate(study)
+    runs_planned = plan(st, None, [], str(tmp_path / "runs"))
+    assert len(runs_planned) == 8 and any("dpnoise_multiplier0.8" in r.config.name for r in runs_planned)
+    run_study(st, runs_planned, tmp_path / "s.sqlite", progress=False)
+    out = tmp_path / "rep"
+    page = build_report(tmp_path / "s.sqlite", out, study="pu", n_boot=100, max_perplexity=1e9).read_text()
+    conn = D.connect_readonly(tmp_path / "s.sqlite")
+    runs = D.load_runs(conn, "pu")
+    assert "Privacy over training: the threshold" in page and list(out.glob("trajectory_*.png"))
+    assert "Differential privacy and the one-run audit" in page
+    dp = PV.dp_rows(runs, "ref_ratio")
+    assert len(dp) == 8  # every run has one-run canaries; four are DP
+    assert sum(r["epsilon_spent"] is not None for r in dp) == 4
+    assert all(r["one_run"]["m"] == 20 for r in dp)
+    # the factor table is the OLS over the run points, settings from the configs (seeds are replicates)
+    pts = PV.run_points(runs, "ref_ratio")
+    assert {"lora.targets", "train.dp"} <= set(pts[0]) and "train.seed" not in pts[0]
+    (auc_table, ppl_table) = PV.factors(runs, "ref_ratio")
+    direct = FR.factor_table(pts, ["lora.targets", "train.dp"], "auc")
+    assert auc_table["rows"] == direct["rows"] and auc_table["resid_df"] == 8 - 3
+    assert {(r["axis"], r["level"], r["reference"]) for r in auc_table["rows"]} == {
+        ("lora.targets", "v", "q"), ("train.dp", "sigma 0.8", "off")}
+    assert "What drives leakage and utility" in page and f"{auc_table['rows'][0]['effect']:+.4f}" in page
+    # every run is eligible at an unbounded perplexity: the least leaky one is named, with the runs it ties with
+    best = min(pts, key=lambda p: p["auc"])
+    assert "The least leakage at the utility asked for" in page and best["label"] in page

@@ -334,6 +334,42 @@ class ExposureInputs:
 
 
 @dataclass
+class OneRunInputs:
+    """The one-run audit's canaries (see :mod:`memlens.one_run`), tokenized, with their base-model mean NLL taken
+    before the run's adapter is attached."""
+
+    ids: list[str]
+    included: list[bool]
+    seqs: list[list[int]]
+    base: np.ndarray
+
+    @classmethod
+    def prepare(cls, prep: Any, cfg: RunConfig, progress: bool) -> OneRunInputs:
+        canaries = prep.split.one_run
+        seqs = prep.lm.encode([r.text for r, _ in canaries], cfg.train.add_bos, cfg.train.max_length,
+                              cfg.train.too_long, "one-run canary")
+        base = cached_score(prep.lm, prep.lm.model, seqs, cfg.audit, prep.pad_id, progress, min_k_pp=False,
+                            label="score one-run canaries (base)").mean_nll
+        return cls([r.id for r, _ in canaries], [inc for _, inc in canaries], seqs, base)
+
+    def measure(self, model_ft: Any, cfg: RunConfig, pad_id: int, progress: bool,
+                dp: dict[str, Any] | None) -> tuple[list[tuple], dict[str, Any]]:
+        from memlens import one_run
+
+        spec = cfg.data.canary.one_run
+        model = at_precision(model_ft, resolve_precision(cfg.audit.precision, next(model_ft.parameters()).device))
+        ft = score(model, self.seqs, batch_size=cfg.audit.batch_size, pad_id=pad_id,
+                   progress="score one-run canaries" if progress else None).mean_nll
+        k = spec.guesses if spec.guesses is not None else max(1, len(self.ids) // 10)
+        delta = dp["delta"] if dp is not None else 0.0
+        out = one_run.audit(self.base, ft, self.included, k, delta, spec.confidence)
+        if dp is not None:
+            out["epsilon_accountant"] = dp["epsilon_spent"]
+        row = ("one_run:epsilon_lb", "", out["epsilon_lb"], None, None, out)
+        return [row], out
+
+
+@dataclass
 class RunResult:
     run_id: str
     store: Path
@@ -383,7 +419,15 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
         refs = prepare_references(prep.lm, cfg, prep.corpus, prep.split, records, seqs, len(prep.split.members),
                                   plan_steps(len(prep.train_ids), cfg.train)[1], progress)
     expo = ExposureInputs.prepare(prep, cfg, progress) if prep.split.formatted else None
-    tr = train(cfg, prep, progress)
+    one_run = OneRunInputs.prepare(prep, cfg, progress) if prep.split.one_run else None
+    trajectory = None
+    if cfg.audit.checkpoints is not None:
+        from memlens.trajectory import Trajectory
+
+        zl = np.array([zlib_length(r.text) for r in records], dtype=np.float64)
+        keep = np.array([r.id not in prep.split.canaries for r in records], dtype=bool)
+        trajectory = Trajectory(seqs, base, zl, member, keep, cfg.audit, prep.pad_id, progress)
+    tr = train(cfg, prep, progress, hooks=[trajectory] if trajectory is not None else [])
     timings["train_s"] = tr.seconds
     out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id,
                 progress, refs)
@@ -392,6 +436,15 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
         rows, out.summary["exposure"] = expo.measure(tr.model, cfg, prep.pad_id, progress)
         out.metrics.extend(rows)
         timings["exposure_s"] = time.perf_counter() - t + expo.seconds
+    if one_run is not None:
+        t = time.perf_counter()
+        rows, out.summary["one_run"] = one_run.measure(tr.model, cfg, prep.pad_id, progress, tr.dp)
+        out.metrics.extend(rows)
+        timings["one_run_s"] = time.perf_counter() - t
+    if trajectory is not None:
+        out.summary["trajectory"] = {
+            "checkpoints": [p.step for p in trajectory.points],
+            "threshold": trajectory.threshold_summary(cfg.audit.checkpoints.signal)}
     timings.update(out.timings)
     timings["total_s"] = time.perf_counter() - t0
     summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,
@@ -402,7 +455,7 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
            "config_hash": run_id, "manifest_hash": prep.split.manifest["hash"], "versions": summary["versions"],
            "seed": cfg.train.seed, "timings": summary["timings_s"], "summary": summary}
     return {"run": run, "samples": out.samples, "values": out.values, "generations": out.generations,
-            "metrics": out.metrics}
+            "metrics": out.metrics, "checkpoints": trajectory.rows() if trajectory is not None else []}
 
 
 def store_record(db: Path, record: dict[str, Any], replace: bool = False) -> None:
@@ -411,7 +464,7 @@ def store_record(db: Path, record: dict[str, Any], replace: bool = False) -> Non
     conn = S.connect(db)
     try:
         S.write_run(conn, record["run"], record["samples"], record["values"], record["generations"],
-                    record["metrics"], replace=replace)
+                    record["metrics"], replace=replace, checkpoints=record.get("checkpoints", ()))
     finally:
         conn.close()
 

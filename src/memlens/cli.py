@@ -105,6 +105,36 @@ def _tpr_cell(row: dict, x: float) -> str:
     return _fmt(row.get(f"tpr@{x:g}")) + interval + flag
 
 
+def _print_privacy(summary: dict) -> None:
+    """DP, the one-run audit, early stopping and the trajectory's threshold, where the run has them."""
+    dp, one, es = summary.get("dp"), summary.get("one_run"), summary.get("early_stopping")
+    if dp:
+        target = f"target {dp['epsilon_target']:g}, " if dp.get("epsilon_target") is not None else ""
+        console.print(f"DP-SGD: epsilon spent {dp['epsilon_spent']:.3f} at delta {dp['delta']:g} ({target}"
+                      f"{dp['accountant']} accountant; noise multiplier {dp['noise_multiplier']:.4g}, clipping "
+                      f"{dp['max_grad_norm']:g}, Poisson sampling rate {dp['sample_rate']:.4g}, {dp['steps']} steps)",
+                      soft_wrap=True)
+    if one:
+        console.print(f"one-run audit: epsilon >= {one['epsilon_lb']:.3f} at {one['confidence']:.0%} confidence "
+                      f"(delta {one['delta']:g}): {one['correct']} of {one['guesses']} guesses right on {one['m']} "
+                      f"canaries ({one['included']} trained on)", soft_wrap=True)
+    if es:
+        console.print(f"early stopping: best validation NLL {es['best_validation_nll']:.4f} at step {es['best_step']}"
+                      + (f", stopped at step {es['stopped_at']}" if es.get("stopped_at") else ", ran to the end"),
+                      soft_wrap=True)
+    thr = (summary.get("trajectory") or {}).get("threshold")
+    if thr:
+        if thr.get("found"):
+            g = thr["gained"]
+            console.print(f"threshold ({thr['attack']} AUC, tolerance {thr['tolerance']:g} nats): step {thr['step']} "
+                          f"(epoch {thr['epoch']:.2f}); gained past it: AUC {g['auc']['diff']:+.3f} "
+                          f"({g['auc']['lo']:+.3f}, {g['auc']['hi']:+.3f}), TPR@1%FPR {g['tpr@0.01']['diff']:+.3f} "
+                          f"({g['tpr@0.01']['lo']:+.3f}, {g['tpr@0.01']['hi']:+.3f})", soft_wrap=True)
+        else:
+            console.print(f"threshold ({thr['attack']} AUC, tolerance {thr['tolerance']:g} nats): none among "
+                          f"{thr['checkpoints']} checkpoints", soft_wrap=True)
+
+
 def print_audit_summary(summary: dict, title: str) -> None:
     """The end-of-run table: AUC with intervals and TPR at 1% and 0.1% FPR per attack, the reference attacks'
     paired differences, the blind baseline, extraction, perplexities."""
@@ -143,6 +173,7 @@ def print_audit_summary(summary: dict, title: str) -> None:
                       (" (tuned)" if ref.get("rmia_a_tuned") is not None else ""))
         for note in ref.get("notes", []):
             console.print(f"note: {note}", soft_wrap=True)
+    _print_privacy(summary)
     ex = summary.get("exposure")
     if ex:
         e = Table(title=f"exposure of formatted canaries (bits; log2|R| = {ex['space_bits']:.1f}; ranking among "
@@ -262,13 +293,16 @@ def report(
     study_name: Optional[str] = typer.Option(None, "--study", help="only the runs of this study"),
     attack: str = typer.Option("ref_ratio", "--attack", help="headline attack of the tables and figures"),
     include_text: bool = typer.Option(False, "--include-text", help="show raw training texts (sensitive)"),
+    max_perplexity: Optional[float] = typer.Option(None, "--max-perplexity", help="the utility you need: the run "
+                                                   "of least leakage among those with at most this held-out "
+                                                   "perplexity"),
 ) -> None:
     """Write the report: the Table 3.1 analog, paired differences, ROC, AUC vs rank, memorization vs perplexity,
-    extraction vs repetition, privacy vs utility."""
+    extraction vs repetition, privacy vs utility with its frontier, trajectories, DP and the factor table."""
     from memlens.report import build_report
 
     _setup_logging()
-    print(build_report(store, out, study_name, attack, include_text))
+    print(build_report(store, out, study_name, attack, include_text, max_perplexity=max_perplexity))
 
 
 @app.command("audit", epilog="Example: memlens audit --model smollm2-135m --adapter runs/x/adapter "
@@ -352,12 +386,15 @@ def results_export(
     out: Path = typer.Option(..., "--out", help="output file (a regular file, replaced if it exists), or - for CSV "
                              "on standard output"),
     store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store"),
+    table: str = typer.Option("samples", "--table", help="samples | checkpoints (the trajectory of a run with "
+                              "audit.checkpoints)"),
 ) -> None:
-    """The per-sample table of a run (id, member, n_tokens, nll_base, nll_ft, score_<attack> ...)."""
+    """The per-sample table of a run (id, member, n_tokens, nll_base, nll_ft, score_<attack> ...), or its
+    trajectory (step, epoch, name, subject, value, lo, hi)."""
     from memlens import store as S
 
     conn = _open_store(store)
-    path = S.export(conn, S.resolve_run(conn, run_ref), fmt, out)
+    path = S.export(conn, S.resolve_run(conn, run_ref), fmt, out, table)
     if path is not None:
         print(path)
 

@@ -33,6 +33,18 @@ class SplitSpec(_Strict):
     n: int | None = Field(None, ge=1, description="number of records, drawn at random with data.seed; None = all")
 
 
+class OneRunSpec(_Strict):
+    """Canaries of the one-run privacy audit (Steinke, Nasr and Jagielski 2023; see :mod:`memlens.one_run`): new
+    formatted texts, each put into the training set once with probability 1/2."""
+
+    count: int = Field(200, ge=2, description="m: canaries drawn (about half of them are trained on)")
+    guesses: int | None = Field(None, ge=1, description="guesses each way: 'in' for the highest scores, 'out' for "
+                                "the lowest, abstaining on the rest; None = count / 10 (at least 1)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the epsilon lower bound")
+    digits: int = Field(8, ge=1, le=12, description="digits of the random patient number slot")
+    seed: int = Field(0, description="seed of the canaries' values and of which are trained on")
+
+
 class CanarySpec(_Strict):
     """Repetition of chosen member records (the paper's 'canaries')."""
 
@@ -44,6 +56,7 @@ class CanarySpec(_Strict):
         "add: append repeats-1 copies",
     )
     formatted: FormattedCanarySpec | None = Field(None, description="formatted canaries for exposure; None = none")
+    one_run: OneRunSpec | None = Field(None, description="canaries of the one-run privacy audit; None = none")
 
 
 class FormattedCanarySpec(_Strict):
@@ -119,6 +132,37 @@ class LoraConfig(_Strict):
         return self.effective_alpha / self.rank
 
 
+class DPConfig(_Strict):
+    """Differentially private fine-tuning of the adapter (DP-SGD with Opacus; see :mod:`memlens.dp`)."""
+
+    epsilon: float | None = Field(None, gt=0, description="target epsilon; the noise multiplier is found for it")
+    noise_multiplier: float | None = Field(None, gt=0, description="the noise multiplier itself, instead of a "
+                                           "target epsilon (the epsilon it spends is still computed and stored)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the guarantee; must be below 1/N")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm C (L2, over all adapter "
+                                 "weights together)")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="privacy accountant (Opacus): Renyi DP or the "
+                                              "privacy random variable accountant (tighter)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DPConfig:
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("dp: give exactly one of epsilon (a target) and noise_multiplier")
+        return self
+
+
+class EarlyStoppingConfig(_Strict):
+    """Stop training when the mean NLL of a validation split, disjoint from every audited record, stops improving;
+    the adapter of the best evaluation is kept."""
+
+    patience: int = Field(2, ge=1, description="evaluations without improvement before training stops")
+    every: int | None = Field(None, ge=1, description="evaluate every N optimizer steps; None = once an epoch")
+    split: SplitSpec = Field(default_factory=lambda: SplitSpec(split="dev", n=200),
+                             description="validation records: a split of the source other than the audited "
+                             "ones' (dev for PHEE and the synthetic corpus), n drawn with data.seed")
+    min_delta: float = Field(0.0, ge=0, description="an improvement smaller than this (nats) counts as none")
+
+
 class TrainConfig(_Strict):
     method: Literal["lora", "full"] = Field("lora", description="lora, or full fine-tuning (every weight)")
     epochs: float = Field(3.0, gt=0, description="passes over the training set (ignored when max_steps is set)")
@@ -151,6 +195,8 @@ class TrainConfig(_Strict):
         "log) or refuse the run")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     eval_members: bool = Field(True, description="score the members' mean NLL before and after training")
+    dp: DPConfig | None = Field(None, description="differentially private fine-tuning (Opacus); None = off")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="stop on a validation split; None = off")
 
 
 class ExtractionConfig(_Strict):
@@ -212,6 +258,27 @@ class ExposureConfig(_Strict):
     seed: int = Field(0, description="seed of the candidate draw")
 
 
+class CheckpointsConfig(_Strict):
+    """Checkpoints during training at which the audited records are scored: a trajectory of utility and leakage
+    (see :mod:`memlens.trajectory`). Each costs one scoring pass over the audited records."""
+
+    every: int | None = Field(None, ge=1, description="score every N optimizer steps (and at the last)")
+    at: list[float] | None = Field(None, min_length=1, description="score at these fractions of training, each in "
+                                   "(0, 1] (and at the last step)")
+    tolerance: float = Field(0.01, ge=0, description="the threshold's utility tolerance: a later gain in held-out "
+                             "mean NLL smaller than this many nats counts as none")
+    signal: str = Field("ref_ratio", description="the attack whose AUC is the membership signal of the threshold")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> CheckpointsConfig:
+        if (self.every is None) == (self.at is None):
+            raise ValueError("checkpoints: give exactly one of every (optimizer steps) and at (fractions of "
+                             "training)")
+        if self.at is not None and any(not 0 < f <= 1 for f in self.at):
+            raise ValueError(f"checkpoints.at: fractions of training must lie in (0, 1], got {self.at}")
+        return self
+
+
 class AuditConfig(_Strict):
     attacks: list[Literal["loss", "ref_ratio", "ref_diff", "zlib", "min_k", "min_k_pp", "min_k_ref",
                           "min_k_pp_ref"]] = Field(
@@ -232,11 +299,16 @@ class AuditConfig(_Strict):
     blind: bool = Field(True, description="fit the blind baseline: a classifier of the texts alone, never the model")
     references: ReferencesConfig | None = Field(None, description="reference adapters and the attacks that use "
                                                 "them (ref_lora, LiRA, RMIA); None = off")
+    checkpoints: CheckpointsConfig | None = Field(None, description="score the audited records during training "
+                                                  "(a trajectory, and its threshold); None = only after training")
 
     @model_validator(mode="after")
     def _min_k_in_ks(self) -> AuditConfig:
         if self.min_k not in self.ks:
             self.ks = sorted({*self.ks, self.min_k})
+        if self.checkpoints is not None and self.checkpoints.signal not in self.attacks:
+            raise ValueError(f"checkpoints.signal: {self.checkpoints.signal!r} is not one of audit.attacks "
+                             f"({', '.join(self.attacks)})")
         return self
 
 
@@ -260,6 +332,16 @@ class RunConfig(_Strict):
             raise ValueError("train.dtype=float16 with train.method=full has no loss scaling; use bfloat16 or float32")
         if self.audit.references is not None and self.train.method != "lora":
             raise ValueError("audit.references: reference adapters need train.method=lora")
+        if self.train.dp is not None:
+            t = self.train
+            if t.method != "lora":
+                raise ValueError("train.dp: DP fine-tuning trains an adapter; it needs train.method=lora")
+            if t.precision == "bfloat16" or t.dtype != "float32":
+                raise ValueError("train.dp: per-sample gradients are computed in float32; set train.precision to "
+                                 "auto or float32 and train.dtype to float32")
+            if t.grad_accum != 1:
+                raise ValueError("train.dp: Poisson batches are split into pieces by themselves; leave "
+                                 "train.grad_accum at 1")
         return self
 
     @field_validator("name")
@@ -285,7 +367,8 @@ class RunConfig(_Strict):
             half = self.train.dtype in ("bfloat16", "float16")
             return self.train.dtype if half else resolve_precision(precision, device)
 
-        return {"device": device.split(":")[0], "train_precision": effective(self.train.precision),
+        train = "float32" if self.train.dp is not None else effective(self.train.precision)
+        return {"device": device.split(":")[0], "train_precision": train,
                 "audit_precision": effective(self.audit.precision)}
 
     def config_hash(self) -> str:
@@ -302,12 +385,16 @@ class RunConfig(_Strict):
             d["train"].pop("loss_average")
         if d["train"].get("packing") is False:
             d["train"].pop("packing")
-        for key, default in (("references", None), ("blind", True),
+        for key in ("dp", "early_stopping"):
+            if d["train"].get(key, 0) is None:
+                d["train"].pop(key)
+        for key, default in (("references", None), ("blind", True), ("checkpoints", None),
                              ("exposure", ExposureConfig().model_dump(mode="json"))):
             if d["audit"].get(key) == default:
                 d["audit"].pop(key, None)
-        if d["data"]["canary"].get("formatted") is None:
-            d["data"]["canary"].pop("formatted", None)
+        for key in ("formatted", "one_run"):
+            if d["data"]["canary"].get(key) is None:
+                d["data"]["canary"].pop(key, None)
         return json_hash(d)
 
 

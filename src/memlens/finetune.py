@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from memlens.config import LoraConfig, RunConfig, TrainConfig, dump_yaml
 from memlens.errors import MemlensError
@@ -142,11 +142,14 @@ def frozen_linears_at(model: Any, precision: str):
     """Within: under bf16 autocast, the frozen ``nn.Linear`` weights held in bfloat16, so that autocast does not cast
     them again at every step (it caches casts only of weights that require grad); restored to the very float32
     tensors after. The products are the same bf16 products autocast computes: the losses and the adapter come out
-    bit for bit the same. Weights shared with an embedding (a tied output head) and trainable ones are left alone."""
+    bit for bit the same. Weights shared with an embedding (a tied output head) and trainable ones are left alone.
+
+    Yields a context manager that puts the float32 weights back for a while (a checkpoint's scoring sees the model
+    as loaded)."""
     import torch
 
     if not isinstance(autocast(model, precision), torch.autocast):
-        yield
+        yield contextlib.nullcontext
         return
     shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     saved = []
@@ -154,13 +157,25 @@ def frozen_linears_at(model: Any, precision: str):
         w = getattr(m, "weight", None)
         if (type(m) is torch.nn.Linear and w is not None and not w.requires_grad and w.dtype == torch.float32
                 and id(w) not in shared):
-            saved.append((m, w))
-            m.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+            saved.append((m, w, torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)))
+
+    def put(original: bool) -> None:
+        for m, w, half in saved:
+            m.weight = w if original else half
+
+    @contextlib.contextmanager
+    def as_loaded():
+        put(True)
+        try:
+            yield
+        finally:
+            put(False)
+
+    put(False)
     try:
-        yield
+        yield as_loaded
     finally:
-        for m, w in saved:
-            m.weight = w
+        put(True)
 
 
 def packing_works(model: Any, seqs: list[list[int]], pad_id: int) -> bool:
@@ -191,8 +206,27 @@ def packing_works(model: Any, seqs: list[list[int]], pad_id: int) -> bool:
     return ok
 
 
-def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int, progress: bool = True) -> list[dict]:
-    """Train ``model`` in place on the token sequences; returns one log row per optimizer step."""
+def run_hooks(hooks: Sequence[Any], model: Any, step: int, total: int, epoch: float, rows: list[dict],
+              as_loaded: Any = contextlib.nullcontext) -> bool:
+    """Call each hook due after optimizer step ``step`` of ``total`` (a checkpoint's scoring, early stopping), with
+    the model in eval mode and its weights as loaded; True when one of them asks training to stop."""
+    due = [h for h in hooks if h.due(step, total)]
+    if not due:
+        return False
+    model.eval()
+    try:
+        with as_loaded():
+            return any([bool(h(model, step, epoch, rows)) for h in due])
+    finally:
+        model.train()
+
+
+def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int, progress: bool = True,
+               hooks: Sequence[Any] = ()) -> list[dict]:
+    """Train ``model`` in place on the token sequences; returns one log row per optimizer step.
+
+    ``hooks``: objects with ``due(step, total)`` and ``__call__(model, step, epoch, rows) -> stop`` (see
+    :func:`run_hooks`); they run after the steps they are due at, and do not touch the training's random state."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
@@ -214,7 +248,7 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar, gpu_attention(device), \
-            frozen_linears_at(model, cfg.precision):
+            frozen_linears_at(model, cfg.precision) as as_loaded:
         task = bar.add_task("train", total=total, loss="-", tps="-")
 
         def finish(row: dict) -> None:
@@ -270,9 +304,12 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
                 if pending is not None:
                     finish(pending)
                 pending = row
-                if device.type != "cuda":  # the host computed the step itself: its time is now
-                    finish(pending)
+                if device.type != "cuda" or any(h.due(step, total) for h in hooks):
+                    finish(pending)  # on a CPU the host computed the step itself: its time is now
                     pending = None
+                if run_hooks(hooks, model, step, total, row["epoch"], rows, as_loaded):
+                    log.info("training stopped after step %d of %d", step, total)
+                    total = step
             epoch += 1
         if pending is not None:
             finish(pending)
@@ -317,6 +354,7 @@ class Prepared:
     pad_id: int
     timings: dict[str, float]
     corpus: Any = None
+    valid_ids: list[list[int]] | None = None  # early stopping's validation records, tokenized
 
 
 @dataclass
@@ -329,6 +367,8 @@ class Trained:
     changed: bool | None
     seconds: float
     base: dict[str, Any] | None = None  # the base model an adapter was trained on (memlens_base.json)
+    dp: dict[str, Any] | None = None  # the privacy facts of a DP run (memlens.dp)
+    early_stopping: dict[str, Any] | None = None
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -340,6 +380,15 @@ def prepare(cfg: RunConfig) -> Prepared:
     t = time.perf_counter()
     corpus = load_corpus(cfg.data)
     split = make_split(corpus, cfg.data)
+    if cfg.train.dp is not None:  # before the model loads: a delta too large for N, Opacus missing
+        from memlens.dp import check_dp
+
+        check_dp(len(split.train), cfg.train)
+    valid = None
+    if cfg.train.early_stopping is not None:
+        from memlens.data.splits import validation_records
+
+        valid = validation_records(corpus, cfg.data, split, cfg.train.early_stopping.split)
     timings["data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     lm = load_model(cfg.model, dtype=cfg.train.dtype, device=resolve_device(cfg.train.device),
@@ -350,12 +399,17 @@ def prepare(cfg: RunConfig) -> Prepared:
                           "training")
     if any(len(s) < 2 for s in train_ids):
         raise MemlensError("a training text has fewer than 2 tokens (nothing to predict); check the data")
+    valid_ids = None
+    if valid is not None:
+        valid_ids = lm.encode([r.text for r in valid], cfg.train.add_bos, cfg.train.max_length, cfg.train.too_long,
+                              "validation")
     timings["model_s"] = time.perf_counter() - t
-    return Prepared(split, lm, train_ids, lm.pad_id, timings, corpus)
+    return Prepared(split, lm, train_ids, lm.pad_id, timings, corpus, valid_ids)
 
 
-def train(cfg: RunConfig, prep: Prepared, progress: bool = True) -> Trained:
-    """Attach a fresh adapter (or unfreeze every weight) and train on the training list."""
+def train(cfg: RunConfig, prep: Prepared, progress: bool = True, hooks: Sequence[Any] = ()) -> Trained:
+    """Attach a fresh adapter (or unfreeze every weight) and train on the training list (``hooks``: see
+    :func:`train_loop`)."""
     import torch
 
     base = None
@@ -372,15 +426,34 @@ def train(cfg: RunConfig, prep: Prepared, progress: bool = True) -> Trained:
         model = prep.lm.model
         model.requires_grad_(True)
         trainable, scalings, modules = {"all": sum(p.numel() for p in model.parameters())}, [], {}
+    stopper = None
+    hooks = list(hooks)
+    if cfg.train.early_stopping is not None:
+        from memlens.early_stopping import EarlyStopping
+
+        per_epoch = (len(prep.train_ids) / cfg.train.batch_size if cfg.train.dp is not None
+                     else math.ceil(plan_steps(len(prep.train_ids), cfg.train)[0] / cfg.train.grad_accum))
+        stopper = EarlyStopping(prep.valid_ids, cfg.train.early_stopping, per_epoch, cfg.audit.precision,
+                                cfg.audit.batch_size, prep.pad_id, progress)
+        hooks.append(stopper)
     t = time.perf_counter()
-    rows = train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress)
+    dp = None
+    if cfg.train.dp is not None:
+        from memlens.dp import dp_train_loop
+
+        rows, dp = dp_train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress, hooks)
+    else:
+        rows = train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress, hooks)
+    if stopper is not None:
+        stopper.restore(model)
     seconds = time.perf_counter() - t
     changed = None
     if cfg.train.method == "lora":
         changed = any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
         if not changed:
             log.warning("the adapter's B matrices are still zero after training: it is identical to the base model")
-    return Trained(model, rows, trainable, scalings, modules, changed, seconds, base)
+    return Trained(model, rows, trainable, scalings, modules, changed, seconds, base, dp,
+                   stopper.summary() if stopper is not None else None)
 
 
 def train_summary(cfg: RunConfig, prep: Prepared, tr: Trained) -> dict[str, Any]:
@@ -408,6 +481,8 @@ def train_summary(cfg: RunConfig, prep: Prepared, tr: Trained) -> dict[str, Any]
         "counts": prep.split.manifest["counts"],
         "first_loss": tr.rows[0]["loss"],
         "last_loss": tr.rows[-1]["loss"],
+        **({"dp": tr.dp} if tr.dp is not None else {}),
+        **({"early_stopping": tr.early_stopping} if tr.early_stopping is not None else {}),
     }
 
 

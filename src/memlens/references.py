@@ -66,21 +66,12 @@ class ReferencePlan:
 
 def population(corpus: Any, cfg: RunConfig, split: Any) -> list[Record]:
     """Same-domain records disjoint from everything the run trains on or audits (see the module docstring)."""
-    from memlens.data.splits import find_overlaps
+    from memlens.data.splits import records_apart
 
     spec = cfg.audit.references.population
     name = spec.split or ("dev" if "dev" in corpus.splits else (cfg.data.members.split or
                                                                  corpus.default_member_split))
-    if name not in corpus.splits:
-        raise MemlensError(f"audit.references.population.split: {name!r} is not a split of {corpus.source} "
-                           f"(has {', '.join(corpus.splits)})")
-    used = {r.id for r in (*split.train, *split.members, *split.nonmembers, *split.displaced)}
-    pool = [r for r in corpus.splits[name] if r.id not in used]
-    audited = list(split.members) + list(split.nonmembers) + list(split.displaced)
-    dup = {o.b_id for o in find_overlaps(audited, pool, cfg.data.near_duplicate_threshold)}
-    if dup:
-        log.info("%d population record(s) duplicate an audited record and are left out", len(dup))
-        pool = [r for r in pool if r.id not in dup]
+    pool = records_apart(corpus, split, name, cfg.data.near_duplicate_threshold, "audit.references.population")
     if spec.n is not None:
         if spec.n > len(pool):
             raise MemlensError(f"audit.references.population.n: {spec.n} asked, the population holds {len(pool)}")
@@ -92,11 +83,18 @@ def _spec(cfg: RunConfig, identity: str, steps: int, j: int, records: list[Recor
     from memlens.finetune import resolve_device
     from memlens.models import resolve_precision
 
+    # references train as the audited run does (DP included) for its number of steps; early stopping has no
+    # validation split of theirs to stop on
     train = cfg.train.model_copy(update={"seed": cfg.audit.references.seed + j, "max_steps": steps,
-                                         "eval_members": True})
+                                         "eval_members": True, "early_stopping": None})
     device = resolve_device(cfg.train.device)
-    return {"model": identity, "lora": cfg.lora.model_dump(mode="json"), "train": train.model_dump(mode="json"),
-            "precision": resolve_precision(cfg.train.precision, device), "device": device.split(":")[0],
+    tdump = train.model_dump(mode="json")
+    for key in ("dp", "early_stopping"):  # absent at their defaults: the cache keys of earlier references hold
+        if tdump[key] is None:
+            tdump.pop(key)
+    precision = "float32" if cfg.train.dp is not None else resolve_precision(cfg.train.precision, device)
+    return {"model": identity, "lora": cfg.lora.model_dump(mode="json"), "train": tdump,
+            "precision": precision, "device": device.split(":")[0],
             "data": json_hash(sorted(r.text_hash for r in records))}
 
 
@@ -163,7 +161,12 @@ def train_reference(lm: Any, cfg: RunConfig, spec: dict[str, Any], ref_hash: str
     t = time.perf_counter()
     model, _ = apply_lora(lm, cfg.lora, tcfg.seed)
     try:
-        rows = train_loop(model, seqs, tcfg, lm.pad_id, progress)
+        if tcfg.dp is not None:
+            from memlens.dp import dp_train_loop
+
+            rows, _ = dp_train_loop(model, seqs, tcfg, lm.pad_id, progress)
+        else:
+            rows = train_loop(model, seqs, tcfg, lm.pad_id, progress)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
         try:

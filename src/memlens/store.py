@@ -9,6 +9,8 @@ values       per run and record, long format: name (nll_base, nll_ft, ppl_ft, mi
 generations  per run, record, decoding and sample: prefix/suffix lengths, similarity measures, generated-text
              perplexity (and the generated text only when asked)
 metrics      per run: name (auc, tpr@0.01 ...), subject (an attack or a measure), value, interval, details (JSON)
+checkpoints  per run and checkpoint during training (audit.checkpoints): step, epoch, name (heldout_nll, auc ...),
+             subject (an attack, or empty), value, interval
 meta         the store's own settings: its secret key for text hashes
 
 Text hashes are keyed: ``samples.text_hash`` is HMAC-SHA256 of the text's SHA-256 under a random key made with the
@@ -53,12 +55,15 @@ CREATE TABLE IF NOT EXISTS generations (
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT, name TEXT, subject TEXT, value REAL, lo REAL, hi REAL, details_json TEXT
 );
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT, step INTEGER, epoch REAL, name TEXT, subject TEXT, value REAL, lo REAL, hi REAL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE INDEX IF NOT EXISTS values_run ON "values" (run_id);
 CREATE INDEX IF NOT EXISTS generations_run ON generations (run_id);
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics (run_id);
 """
-_TABLES = ("runs", "samples", '"values"', "generations", "metrics")
+_TABLES = ("runs", "samples", '"values"', "generations", "metrics", "checkpoints")
 
 
 _COLUMNS = {"runs": {"run_id", "config_json", "summary_json"}, "samples": {"run_id", "sample_id", "member"},
@@ -152,18 +157,24 @@ def run_exists(conn: sqlite3.Connection, run_id: str) -> bool:
     return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
 
 
+def _has_table(conn: sqlite3.Connection, table: str) -> bool:
+    """Stores written before a table existed lack it until opened for writing."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None
+
+
 def delete_run(conn: sqlite3.Connection, run_id: str) -> None:
     for t in _TABLES:
         conn.execute(f"DELETE FROM {t} WHERE run_id = ?", (run_id,))
 
 
 def write_run(conn: sqlite3.Connection, run: dict[str, Any], samples: list[tuple], values: Iterable[tuple],
-              generations: Iterable[tuple], metrics: Iterable[tuple], replace: bool = False) -> None:
+              generations: Iterable[tuple], metrics: Iterable[tuple], replace: bool = False,
+              checkpoints: Iterable[tuple] = ()) -> None:
     """Write one run and all its rows in a single transaction.
 
     ``samples``: (sample_id, member, text_hash, canary_copies, text_or_None); ``values``: (sample_id, name, value);
     ``generations``: tuples in the column order of the table after run_id; ``metrics``: (name, subject, value, lo,
-    hi, details_dict).
+    hi, details_dict); ``checkpoints``: (step, epoch, name, subject, value, lo, hi).
     """
     key = _text_key(conn)
     with transaction(conn):
@@ -185,6 +196,7 @@ def write_run(conn: sqlite3.Connection, run: dict[str, Any], samples: list[tuple
                          ((rid, *g) for g in generations))
         conn.executemany("INSERT INTO metrics VALUES (?,?,?,?,?,?,?)",
                          ((rid, n, s, v, lo, hi, json.dumps(d)) for n, s, v, lo, hi, d in metrics))
+        conn.executemany("INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?)", ((rid, *c) for c in checkpoints))
 
 
 def list_runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -220,6 +232,16 @@ def get_run(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
     return out
 
 
+def checkpoint_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list[list[Any]]]:
+    """The run's trajectory (audit.checkpoints), one row per checkpoint and measure; empty without one."""
+    header = ["step", "epoch", "name", "subject", "value", "lo", "hi"]
+    if not _has_table(conn, "checkpoints"):
+        return header, []
+    rows = conn.execute("SELECT step, epoch, name, subject, value, lo, hi FROM checkpoints WHERE run_id = ? "
+                        "ORDER BY step, rowid", (run_id,)).fetchall()
+    return header, [list(r) for r in rows]
+
+
 def sample_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list[list[Any]]]:
     """The run's per-sample table: id, member, canary copies, then one column per value name (no text hash, keyed
     or not: an export never carries anything computed from a text)."""
@@ -237,8 +259,9 @@ def sample_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list
     return header, rows
 
 
-def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path) -> Path | None:
-    """Write the per-sample table to CSV or Parquet; ``out`` = ``-`` writes CSV to standard output.
+def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path, table: str = "samples") -> Path | None:
+    """Write the per-sample table (``table="samples"``) or the trajectory (``"checkpoints"``) to CSV or Parquet;
+    ``out`` = ``-`` writes CSV to standard output.
 
     The file is written under a temporary name beside ``out`` (user-only), then renamed onto it; an existing ``out``
     is replaced only when it is a regular file (a folder, a symbolic link or a device is refused, untouched).
@@ -249,10 +272,13 @@ def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path) -> 
 
     if fmt not in ("csv", "parquet"):
         raise MemlensError(f"unknown export format {fmt!r}: expected csv or parquet")
+    tables = {"samples": sample_table, "checkpoints": checkpoint_table}
+    if table not in tables:
+        raise MemlensError(f"unknown table {table!r}: expected {' or '.join(tables)}")
     if str(out) == "-":
         if fmt != "csv":
             raise MemlensError("--out -: only CSV can be written to standard output")
-        header, rows = sample_table(conn, run_id)
+        header, rows = tables[table](conn, run_id)
         w = csv.writer(sys.stdout)
         w.writerow(header)
         w.writerows(rows)
@@ -268,7 +294,7 @@ def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path) -> 
             import pyarrow.parquet as pq
         except ImportError:
             raise MemlensError("Parquet export needs pyarrow: pip install 'memlens[parquet]'") from None
-    header, rows = sample_table(conn, run_id)
+    header, rows = tables[table](conn, run_id)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")

@@ -101,6 +101,17 @@ def _label(assign: dict[str, Any]) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in assign.items())
 
 
+def _name_part(v: Any) -> str:
+    """An axis value as part of a run name: lists joined, None as "off", a mapping as its keys and values."""
+    if v is None:
+        return "off"
+    if isinstance(v, list):
+        return "".join(map(str, v))
+    if isinstance(v, dict):
+        return "".join(f"{k}{_name_part(x)}" for k, x in v.items())
+    return str(v)
+
+
 def plan(study: StudyConfig, profile: str | None = None, overrides: list[str] | None = None,
          output_dir: str | None = None) -> list[PlannedRun]:
     """Expand a study (with a profile and command-line overrides of its base) into resolved, validated runs."""
@@ -141,8 +152,7 @@ def plan(study: StudyConfig, profile: str | None = None, overrides: list[str] | 
         if run_id in seen:
             continue
         seen.add(run_id)
-        name = f"{study.name}-" + "-".join(
-            f"{k.split('.')[-1]}{''.join(map(str, v)) if isinstance(v, list) else v}" for k, v in assign.items())
+        name = f"{study.name}-" + "-".join(f"{k.split('.')[-1]}{_name_part(v)}" for k, v in assign.items())
         cfg = cfg.model_copy(update={"name": f"{name}-{run_id[:6]}"})
         runs.append(PlannedRun(run_id, _label(assign), cfg))
     return runs

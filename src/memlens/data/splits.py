@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memlens.config import DataConfig
+from memlens.config import DataConfig, SplitSpec
 from memlens.data import phee, synthetic
 from memlens.data.records import Record, file_sha256, read_csv, read_jsonl
 from memlens.errors import MemlensError
@@ -156,6 +156,7 @@ class Split:
     manifest: dict[str, Any]
     formatted: list[tuple[Record, int]] = field(default_factory=list)  # formatted canaries and their copies
     canary_format: Any = None  # their space R (memlens.exposure.CanaryFormat)
+    one_run: list[tuple[Record, bool]] = field(default_factory=list)  # one-run audit canaries, trained on or not
 
 
 def _draw(pool: list[Record], n: int | None, rng: random.Random, what: str, split: str) -> list[Record]:
@@ -206,9 +207,43 @@ def make_split(corpus: Corpus, cfg: DataConfig) -> Split:
         formatted, fmt = formatted_canaries(corpus, cfg)
         for rec, copies in formatted:
             train.extend([rec] * copies)
-    split = Split(train, members, nonmembers, canaries, displaced, overlaps, {}, formatted, fmt)
+    one_run = []
+    if cfg.canary.one_run is not None:
+        one_run = one_run_canaries(corpus, cfg, {r.text for r, _ in formatted})
+        train.extend(r for r, included in one_run if included)
+    split = Split(train, members, nonmembers, canaries, displaced, overlaps, {}, formatted, fmt, one_run)
     split.manifest = build_manifest(corpus, cfg, split, m_split, n_split)
     return split
+
+
+def records_apart(corpus: Corpus, split: Split, name: str, threshold: float, what: str) -> list[Record]:
+    """The records of split ``name`` apart from everything the run trains on or audits: not one of them by id, nor
+    a near-duplicate of an audited record (``what`` names the setting in errors and logs)."""
+    if name not in corpus.splits:
+        raise MemlensError(f"{what}.split: {name!r} is not a split of {corpus.source} (has {', '.join(corpus.splits)})")
+    used = {r.id for r in (*split.train, *split.members, *split.nonmembers, *split.displaced)}
+    pool = [r for r in corpus.splits[name] if r.id not in used]
+    audited = list(split.members) + list(split.nonmembers) + list(split.displaced)
+    dup = {o.b_id for o in find_overlaps(audited, pool, threshold)}
+    if dup:
+        log.info("%s: %d record(s) duplicate an audited record and are left out", what, len(dup))
+        pool = [r for r in pool if r.id not in dup]
+    return pool
+
+
+def validation_records(corpus: Corpus, cfg: DataConfig, split: Split, spec: SplitSpec) -> list[Record]:
+    """Early stopping's validation records (``train.early_stopping.split``), drawn with ``data.seed``."""
+    name = spec.split or ("dev" if "dev" in corpus.splits else corpus.default_member_split)
+    pool = records_apart(corpus, split, name, cfg.near_duplicate_threshold, "train.early_stopping.split")
+    if spec.n is not None:
+        if spec.n > len(pool):
+            raise MemlensError(f"train.early_stopping.split.n: {spec.n} asked, split {name!r} holds {len(pool)} "
+                               "records apart from the trained and audited ones")
+        pool = random.Random(cfg.seed).sample(pool, spec.n)
+    if not pool:
+        raise MemlensError(f"train.early_stopping.split: split {name!r} has no record apart from the trained and "
+                           "audited ones")
+    return pool
 
 
 def apply_canaries(
@@ -243,27 +278,46 @@ def formatted_canaries(corpus: Corpus, cfg: DataConfig) -> tuple[list[tuple[Reco
     """The formatted canaries of ``data.canary.formatted`` (see :mod:`memlens.exposure`): ``per_repeat`` new texts
     for each repetition count, with slot values from the corpus's annotated drugs, doses and effects (the synthetic
     corpus's vocabulary when the corpus has no such annotations)."""
+    spec = cfg.canary.formatted
+    texts, fmt = _canary_texts(corpus, spec.digits, spec.per_repeat * len(spec.repeats), spec.seed,
+                               "data.canary.formatted")
+    out = [(Record(f"canary-{i:03d}", text, "canary"), spec.repeats[i // spec.per_repeat])
+           for i, text in enumerate(texts)]
+    return out, fmt
+
+
+def _canary_texts(corpus: Corpus, digits: int, count: int, seed: int, what: str,
+                  avoid: frozenset[str] | set[str] = frozenset()) -> tuple[list[str], Any]:
+    """``count`` distinct canary texts of the corpus's canary format (slot values from its annotated fields, or
+    the synthetic corpus's vocabulary), none equal to a corpus text or to one in ``avoid``."""
     from memlens.exposure import canary_format, draw_canaries
 
-    spec = cfg.canary.formatted
     every = [r for recs in corpus.splits.values() for r in recs]
     try:
-        fmt = canary_format(every, spec.digits)
+        fmt = canary_format(every, digits)
     except MemlensError as e:
         if any(r.fields for r in every):
-            raise MemlensError(f"data.canary.formatted: {e}") from None
-        log.info("formatted canaries: the corpus has no annotated fields; slot values from the synthetic corpus")
-        fmt = canary_format(synthetic.generate(500, seed=0), spec.digits)
-    values = draw_canaries(fmt, spec.per_repeat * len(spec.repeats), spec.seed)
-    texts = {r.text for r in every}
-    out = []
-    for i, v in enumerate(values):
-        text = fmt.render(v)
-        if text in texts:
-            raise MemlensError("data.canary.formatted: a canary equals a corpus text; change "
-                               "data.canary.formatted.seed")
-        out.append((Record(f"canary-{i:03d}", text, "canary"), spec.repeats[i // spec.per_repeat]))
-    return out, fmt
+            raise MemlensError(f"{what}: {e}") from None
+        log.info("%s: the corpus has no annotated fields; slot values from the synthetic corpus", what)
+        fmt = canary_format(synthetic.generate(500, seed=0), digits)
+    try:
+        texts = [fmt.render(v) for v in draw_canaries(fmt, count, seed)]
+    except MemlensError as e:
+        raise MemlensError(f"{what}: {e}") from None
+    clash = ({r.text for r in every} | set(avoid)) & set(texts)
+    if clash:
+        raise MemlensError(f"{what}: a canary equals a corpus text or another canary; change {what}.seed")
+    return texts, fmt
+
+
+def one_run_canaries(corpus: Corpus, cfg: DataConfig, avoid: set[str]) -> list[tuple[Record, bool]]:
+    """The one-run audit's canaries (``data.canary.one_run``), each trained on with probability 1/2."""
+    import numpy as np
+
+    spec = cfg.canary.one_run
+    texts, _ = _canary_texts(corpus, spec.digits, spec.count, spec.seed, "data.canary.one_run", avoid)
+    included = np.random.default_rng([spec.seed, 1]).random(spec.count) < 0.5
+    return [(Record(f"onerun-{i:04d}", t, "canary"), bool(inc)) for i, (t, inc) in enumerate(zip(texts, included))]
 
 
 def build_manifest(corpus: Corpus, cfg: DataConfig, split: Split, m_split: str, n_split: str) -> dict[str, Any]:
@@ -286,6 +340,8 @@ def build_manifest(corpus: Corpus, cfg: DataConfig, split: Split, m_split: str, 
         },
         "canaries": split.canaries,
         "formatted_canaries": {r.id: copies for r, copies in split.formatted},
+        # (only where there are some: the manifests, and their hashes, of other runs stay as they were)
+        **({"one_run_canaries": {r.id: inc for r, inc in split.one_run}} if split.one_run else {}),
         # ids only, and one digest of each whole list: a per-record hash of the text beside its role would let a
         # reader who guesses a sentence test whether it was trained on
         "members": [r.id for r in split.members],

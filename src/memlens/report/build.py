@@ -21,6 +21,7 @@ from memlens.report import audit_tables as AT
 from memlens.report import data as D
 from memlens.report import figures as F
 from memlens.report import paper
+from memlens.report import privacy as PV
 from memlens.report import seeds as SD
 
 TARGET_ORDER = {"Q": 0, "K": 1, "V": 2, "O": 3, "Q+K": 4, "Q+K+V+O": 5}
@@ -138,7 +139,7 @@ def verdict_text(rows: list[dict[str, Any]]) -> str:
 
 
 def build_report(store: Path, out: Path, study: str | None = None, attack: str = "ref_ratio",
-                 include_text: bool = False, n_boot: int = 1000) -> Path:
+                 include_text: bool = False, n_boot: int = 1000, max_perplexity: float | None = None) -> Path:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from memlens import __version__
@@ -222,17 +223,19 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
     add(F.extraction_vs_repetition(rep, control), "extraction_vs_repetition",
         "Extraction of canaries against repetition, per decoding (the paper's Appendix A), with 95% intervals")
 
-    points = []
-    for r in runs:
-        m = r.metric("auc", attack)
-        ppl = r.summary.get("perplexity", {}).get("heldout_ft")
-        if ppl is None or not m:
-            continue
-        points.append((f"{r.targets} r{r.rank}", ppl, D.heldout_ppl_interval(conn, r.run_id), m["value"], m["lo"],
-                       m["hi"]))
-    add(F.privacy_vs_utility(points), "privacy_vs_utility",
-        "Privacy against utility: membership AUC (Hanley-McNeil 95%) against held-out perplexity (bootstrap 95% "
-        "over non-members), one point per run")
+    front = PV.frontier(runs, attack, max_perplexity)
+    points = [(p["label"], p["heldout_ppl"], D.heldout_ppl_interval(conn, p["run_id"]), p["auc"],
+               p["auc_lo"], p["auc_hi"]) for p in (front or {}).get("points", [])]
+    add(F.privacy_vs_utility(points, [p["on_front"] for p in front["points"]] if front else None),
+        "privacy_vs_utility", "Privacy against utility: membership AUC (Hanley-McNeil 95%) against held-out "
+        "perplexity (bootstrap 95% over non-members), one point per run; the dashed line joins the runs no other "
+        "run beats on both")
+    trajectories = PV.trajectories(conn, runs)
+    for t in trajectories[:12]:
+        thr = t["threshold"]
+        add(F.trajectory(t["label"], t["points"], t["attack"], thr.get("step") if thr.get("found") else None),
+            f"trajectory_{t['run'][-8:]}", f"Utility and leakage over training: run {t['run']} (dotted: the "
+            f"threshold, tolerance {thr['tolerance']:g} nats)")
 
     # every attack of a run, log-log (the first runs that have the reference attacks, else the first runs)
     shown = [r for r in runs if r.summary.get("references")][:4] or runs[:2]
@@ -264,6 +267,8 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
         dpairs = paired_rows(conn, runs, "ref_lora", n_boot)
         domain = {"pairs": dpairs, "verdict": verdict_text(dpairs), "table": table_rows(
             [r for r in runs if r.metric("auc", "ref_lora")], "ref_lora")}
+    privacy = {"trajectories": trajectories, "dp": PV.dp_rows(runs, attack), "front": front,
+               "factors": PV.factors(runs, attack) if len(runs) >= 4 else []}
     models = sorted({r.summary.get("model", {}).get("source", "?") for r in runs})
     examples = []
     if include_text:
@@ -281,7 +286,7 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
         version=__version__, store=str(store), attack=attack, runs=runs, table=table, pairs=pairs,
         verdict=verdict_text(pairs), figures=figs, domain=domain, across=across,
         audits=[AT.attack_table(r) for r in runs[:30]], fprs=AT.FPRS, notes=notes, models=models, paper_source=paper.SOURCE,
-        fmt=_fmt, examples=examples, escape=html.escape)
+        fmt=_fmt, examples=examples, escape=html.escape, privacy=privacy)
     path = out / "report.html"
     tmp = out / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")

@@ -122,9 +122,11 @@ def extraction_vs_repetition(series: dict[str, list[tuple[int, float, float, int
     return fig
 
 
-def privacy_vs_utility(points: list[tuple[str, float, tuple | None, float, float, float]]):
+def privacy_vs_utility(points: list[tuple[str, float, tuple | None, float, float, float]],
+                       front: list[bool] | None = None):
     """points: (label, held-out perplexity, its 95% interval or None, AUC, AUC lo, AUC hi); both axes start from
-    their plain ranges (not zoomed on differences smaller than the error bars)."""
+    their plain ranges (not zoomed on differences smaller than the error bars). ``front``: which points are on the
+    Pareto frontier (joined by a dashed line; the point estimates only)."""
     if len(points) < 2:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -132,6 +134,10 @@ def privacy_vs_utility(points: list[tuple[str, float, tuple | None, float, float
         xerr = None if pci is None else [[ppl - pci[0]], [pci[1] - ppl]]
         ax.errorbar(ppl, a, xerr=xerr, yerr=[[a - lo], [hi - a]], fmt="o", capsize=3, ms=4)
         ax.annotate(label, (ppl, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if front is not None and sum(front) >= 2:
+        on = sorted((p[1], p[3]) for p, f in zip(points, front) if f)
+        ax.plot([x for x, _ in on], [y for _, y in on], "k--", lw=0.8, label="Pareto frontier (point estimates)")
+        ax.legend(fontsize=7)
     ax.set_ylim(min(0.5, min(p[4] for p in points)) - 0.02, min(1.0, max(p[5] for p in points)) + 0.02)
     ax.axhline(0.5, color="k", ls=":", lw=0.8)
     ax.set_xlabel("held-out perplexity of the fine-tuned model, 95% interval (utility: lower is better)")
@@ -161,6 +167,32 @@ def exposure_vs_repetition(points: dict[str, list[tuple[int, float, bool]]], spa
     ax.set_ylabel("exposure (bits)")
     ax.set_title("Exposure of formatted canaries against repetition")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def trajectory(label: str, points: list[dict[str, Any]], attack: str, threshold_step: int | None):
+    """Utility and leakage against the optimizer step for one run: held-out perplexity (left) and the attack's AUC
+    with its 95% interval (right); the threshold, where there is one, as a dotted line."""
+    pts = [p for p in points if "heldout_ppl" in p and "auc" in p]
+    if len(pts) < 2:
+        return None
+    steps = np.array([p["step"] for p in pts])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a1.plot(steps, [p["heldout_ppl"] for p in pts], "o-", ms=3)
+    a1.set_xlabel("optimizer step")
+    a1.set_ylabel("held-out perplexity (lower is better)")
+    auc = np.array([p["auc"] for p in pts], dtype=float)
+    a2.plot(steps, auc[:, 0], "o-", ms=3, color="C1")
+    a2.fill_between(steps, auc[:, 1], auc[:, 2], color="C1", alpha=0.2, label="95% interval (Hanley-McNeil)")
+    a2.axhline(0.5, color="k", ls=":", lw=0.8)
+    a2.set_xlabel("optimizer step")
+    a2.set_ylabel(f"membership AUC ({attack})")
+    for ax in (a1, a2):
+        if threshold_step is not None:
+            ax.axvline(threshold_step, color="k", ls=":", lw=1.0)
+    a2.legend(fontsize=7)
+    fig.suptitle(f"Utility and leakage over training: {label}", fontsize=10)
     fig.tight_layout()
     return fig
 
