@@ -99,3 +99,20 @@ def test_dp_settings_are_checked_before_the_model_loads(tmp_path, monkeypatch):
                         "train.dp.delta=0.05"), progress=False)
     assert not list(tmp_path.iterdir())  # nothing written
     assert _cfg(tmp_path, "train.dp.epsilon=8").resolved()["train_precision"] == "float32"
+
+
+def test_hooks_that_give_no_per_sample_gradients_are_an_error(tmp_path, monkeypatch):
+    from opacus import GradSampleModule
+
+    monkeypatch.setattr(GradSampleModule, "add_hooks", lambda self, **kw: None)
+    with pytest.raises(MemlensError, match="per-sample gradient"):
+        run_config(_cfg(tmp_path, "data.members.n=16", "data.nonmembers.n=16", "train.max_steps=3",
+                        "train.dp.epsilon=8"), progress=False)
+
+
+def test_dp_batch_larger_than_the_training_set_and_trajectories_with_early_stopping_are_refused(tmp_path):
+    with pytest.raises(MemlensError, match="exceeds the 8 training sequences"):
+        run_config(_cfg(tmp_path, "data.members.n=8", "data.nonmembers.n=8", "train.batch_size=16",
+                        "train.dp.epsilon=8", "train.dp.delta=1e-3"), progress=False)
+    with pytest.raises(MemlensError, match="use one or the other"):
+        _cfg(tmp_path, "train.early_stopping.patience=2", "audit.checkpoints.every=5")

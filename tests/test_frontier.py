@@ -71,3 +71,23 @@ def test_factor_table_refuses_a_fit_without_residual_degrees_of_freedom():
     out = factor_table(_made_up_runs(), ["targets", "rank", "dp"], "auc")
     one = factor_table([r for r in _made_up_runs() if r["rank"] == 1], ["targets", "rank", "dp"], "auc")
     assert "rank" in out["axes"] and "rank" not in one["axes"]
+
+
+def test_factor_table_refuses_axes_that_vary_together_and_drops_missing_outcomes():
+    runs = [r for r in _made_up_runs() if r["dp"] == "off"]
+    for r in runs:
+        r["lr"] = "1e-3" if r["rank"] == 1 else "2e-3"  # lr and rank always change together
+    out = factor_table(runs, ["targets", "rank", "lr"], "auc")
+    assert out["rows"] == [] and "vary together" in out["note"]
+    runs = _made_up_runs()
+    runs[0]["auc"] = float("nan")
+    runs[1]["auc"] = None
+    out = factor_table(runs, ["targets", "rank", "dp"], "auc")
+    assert out["n"] == 34 and out["resid_df"] == 34 - 5 and len(out["rows"]) == 4
+
+
+def test_points_without_a_number_are_on_no_frontier():
+    assert pareto_front([1.0, float("nan"), 2.0], [0.5, 0.1, 0.4]).tolist() == [True, False, True]
+    runs = [{"name": "a", "heldout_ppl": 10.0, "auc": float("nan"), "auc_lo": 0.0, "auc_hi": 1.0},
+            {"name": "b", "heldout_ppl": 10.0, "auc": 0.6, "auc_lo": 0.55, "auc_hi": 0.65}]
+    assert least_leakage(runs, 11.0)["best"]["name"] == "b"

@@ -427,6 +427,14 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
         zl = np.array([zlib_length(r.text) for r in records], dtype=np.float64)
         keep = np.array([r.id not in prep.split.canaries for r in records], dtype=bool)
         trajectory = Trajectory(seqs, base, zl, member, keep, cfg.audit, prep.pad_id, progress)
+    games = None
+    if cfg.audit.fields is not None:  # the base model's part before the adapter is attached
+        from memlens.fields import FieldGames, value_pool
+
+        keep = np.array([r.id not in prep.split.canaries for r in records], dtype=bool)
+        pool = value_pool([r for recs in prep.corpus.splits.values() for r in recs], cfg.audit.fields.types)
+        games = FieldGames.prepare(prep.lm, records, member, keep, pool, cfg.audit, cfg.train.add_bos,
+                                   cfg.train.max_length, progress)
     tr = train(cfg, prep, progress, hooks=[trajectory] if trajectory is not None else [])
     timings["train_s"] = tr.seconds
     out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id,
@@ -436,6 +444,20 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
         rows, out.summary["exposure"] = expo.measure(tr.model, cfg, prep.pad_id, progress)
         out.metrics.extend(rows)
         timings["exposure_s"] = time.perf_counter() - t + expo.seconds
+    if games is not None:
+        t = time.perf_counter()
+        rows, out.summary["fields"] = games.measure(tr.model, prep.lm, cfg.audit, cfg.train.add_bos,
+                                                    cfg.train.max_length, progress)
+        out.metrics.extend(rows)
+        timings["fields_s"] = time.perf_counter() - t + games.seconds
+    if cfg.train.method == "lora":
+        from memlens import anatomy
+
+        rows = anatomy.adapter_anatomy(tr.model, tr.modules)
+        out.metrics.extend((f"anatomy:{k}", r["module"], r[k], None, None,
+                            {"layer": r["layer"], "matrix": r["matrix"], "rank": r["rank"], "scaling": r["scaling"]})
+                           for r in rows for k in ("fro", "spectral", "stable_rank", "relative"))
+        out.summary["anatomy"] = anatomy.summarize(rows)
     if one_run is not None:
         t = time.perf_counter()
         rows, out.summary["one_run"] = one_run.measure(tr.model, cfg, prep.pad_id, progress, tr.dp)
@@ -483,10 +505,11 @@ def run_config(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True
 
 
 def _read_records(path: str) -> list[Record]:
-    from memlens.data import read_csv, read_jsonl
+    from memlens.data import read_csv
+    from memlens.data.phee import read_jsonl_any
 
     p = Path(path)
-    return read_csv(p) if p.suffix.lower() == ".csv" else read_jsonl(p)
+    return read_csv(p) if p.suffix.lower() == ".csv" else read_jsonl_any(p)
 
 
 def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonmembers_file: str, cfg: AuditConfig,
@@ -543,6 +566,9 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
 
     check_store(db, run_id, overwrite)
     check_writable(cache_dir(), "cache")
+    if cfg.fields is not None and not any(r.events for r in records):
+        raise MemlensError(f"fields: {members_file} and {nonmembers_file} carry no annotated fields; the field games "
+                           "need PHEE's JSON Lines form (id, context, annotations)")
     t0 = time.perf_counter()
     lm = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if adapter_dir is not None:
@@ -554,6 +580,12 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
     t = time.perf_counter()
     base = cached_score(lm, lm.model, seqs, cfg, pad_id, progress=True)
     timings = {"score_base_s": time.perf_counter() - t}
+    games = None
+    if cfg.fields is not None:  # the base model's part before the adapter is attached
+        from memlens.fields import FieldGames, value_pool
+
+        games = FieldGames.prepare(lm, records, member, np.ones(len(records), dtype=bool),
+                                   value_pool(records, cfg.fields.types), cfg, add_bos, None, True)
     model = lm.model
     if adapter_dir is not None:
         from peft import PeftModel
@@ -561,6 +593,11 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
         model = PeftModel.from_pretrained(lm.model, str(adapter_dir), is_trainable=False)
         model.eval()
     out = audit(lm, model, base, records, member, seqs, {}, cfg, pad_id, progress=True)
+    if games is not None:
+        t = time.perf_counter()
+        rows, out.summary["fields"] = games.measure(model, lm, cfg, add_bos, None, True)
+        out.metrics.extend(rows)
+        timings["fields_s"] = time.perf_counter() - t + games.seconds
     timings.update(out.timings)
     timings["total_s"] = time.perf_counter() - t0
     manifest_hash = json_hash({"members": [[r.id, r.text_hash] for r in members],

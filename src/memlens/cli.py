@@ -105,6 +105,34 @@ def _tpr_cell(row: dict, x: float) -> str:
     return _fmt(row.get(f"tpr@{x:g}")) + interval + flag
 
 
+def _print_fields(summary: dict) -> None:
+    """The field table of a run with field games: completion and the candidate game by field type."""
+    f = summary.get("fields")
+    if not f:
+        return
+    t = Table(title=f"field leakage ({f['records']} records, {f['items']} fields, {f['repeats']} repeats left out; "
+              f"differences with 95% bootstrap intervals over records)")
+    for col in ("field", "n mem / non", "recovered: mem", "non", "base", "mem - non", "ft - base", "top-1: mem",
+                "non", "base", "chance"):
+        t.add_column(col, justify="left" if col == "field" else "right")
+    top1 = {r["field"]: r for r in f["tables"]["top1"]}
+    for a in f["tables"]["recovered"]:
+        b = top1.get(a["field"], {})
+        t.add_row(a["field"], f"{a['n_members']} / {a['n_nonmembers']}", _fmt(a["members"]), _fmt(a["nonmembers"]),
+                  _fmt(a["members_base"]),
+                  f"{a['member_minus_nonmember']:+.3f} ({_fmt(a['mn_lo'])}, {_fmt(a['mn_hi'])})",
+                  f"{a['ft_minus_base']:+.3f} ({_fmt(a['fb_lo'])}, {_fmt(a['fb_hi'])})", _fmt(b.get("members")),
+                  _fmt(b.get("nonmembers")), _fmt(b.get("members_base")), _fmt(b.get("chance")))
+    console.print(t)
+    for measure, label in (("recovered", "recovered"), ("top1", "candidate top-1")):
+        row = next((r for r in f["tables"][measure] if r["field"] == "all" and r.get("n_canaries")), None)
+        if row:
+            console.print(f"canaries (members repeated on purpose), {label}: {_fmt(row['canaries'])} on "
+                          f"{row['n_canaries']} fields (base {_fmt(row['canaries_base'])}); canaries - non-members "
+                          f"{row['canary_minus_nonmember']:+.3f} ({_fmt(row['cn_lo'])}, {_fmt(row['cn_hi'])})",
+                          soft_wrap=True)
+
+
 def _print_privacy(summary: dict) -> None:
     """DP, the one-run audit, early stopping and the trajectory's threshold, where the run has them."""
     dp, one, es = summary.get("dp"), summary.get("one_run"), summary.get("early_stopping")
@@ -174,6 +202,7 @@ def print_audit_summary(summary: dict, title: str) -> None:
         for note in ref.get("notes", []):
             console.print(f"note: {note}", soft_wrap=True)
     _print_privacy(summary)
+    _print_fields(summary)
     ex = summary.get("exposure")
     if ex:
         e = Table(title=f"exposure of formatted canaries (bits; log2|R| = {ex['space_bits']:.1f}; ranking among "
@@ -387,7 +416,7 @@ def results_export(
                              "on standard output"),
     store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store"),
     table: str = typer.Option("samples", "--table", help="samples | checkpoints (the trajectory of a run with "
-                              "audit.checkpoints)"),
+                              "audit.checkpoints) | fields (the field-leakage rows of a run with audit.fields)"),
 ) -> None:
     """The per-sample table of a run (id, member, n_tokens, nll_base, nll_ft, score_<attack> ...), or its
     trajectory (step, epoch, name, subject, value, lo, hi)."""

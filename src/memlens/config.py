@@ -279,6 +279,32 @@ class CheckpointsConfig(_Strict):
         return self
 
 
+class FieldsConfig(_Strict):
+    """The games on annotated fields (see :mod:`memlens.fields`): completion and the candidate game, under the
+    fine-tuned and the base model."""
+
+    n: int | None = Field(128, ge=1, description="members sampled (and as many non-members); None = all; records "
+                          "without annotations are skipped")
+    types: list[str] = Field(default_factory=lambda: ["drug", "dosage", "route", "freq", "duration", "age", "gender",
+                                                      "race", "population", "disorder", "effect"],
+                             description="field types played")
+    margin: int = Field(4, ge=0, description="tokens generated beyond the field's own length")
+    candidates: int = Field(10, ge=1, description="other values of the same type in the candidate game")
+    batch_size: int = Field(32, ge=1, description="prompts generated together")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples (over records) of the differences")
+    seed: int = Field(0, description="seed of the record sample and of the candidate draw")
+
+    @field_validator("types")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        known = ("drug", "dosage", "route", "freq", "duration", "age", "gender", "race", "population", "disorder",
+                 "effect")
+        bad = [t for t in v if t not in known]
+        if bad or not v:
+            raise ValueError(f"unknown field types {bad}: expected some of {', '.join(known)}")
+        return v
+
+
 class AuditConfig(_Strict):
     attacks: list[Literal["loss", "ref_ratio", "ref_diff", "zlib", "min_k", "min_k_pp", "min_k_ref",
                           "min_k_pp_ref"]] = Field(
@@ -301,6 +327,8 @@ class AuditConfig(_Strict):
                                                 "them (ref_lora, LiRA, RMIA); None = off")
     checkpoints: CheckpointsConfig | None = Field(None, description="score the audited records during training "
                                                   "(a trajectory, and its threshold); None = only after training")
+    fields: FieldsConfig | None = Field(None, description="completion and candidate games on the annotated fields "
+                                        "(PHEE, synthetic, annotated JSONL); None = off")
 
     @model_validator(mode="after")
     def _min_k_in_ks(self) -> AuditConfig:
@@ -332,6 +360,10 @@ class RunConfig(_Strict):
             raise ValueError("train.dtype=float16 with train.method=full has no loss scaling; use bfloat16 or float32")
         if self.audit.references is not None and self.train.method != "lora":
             raise ValueError("audit.references: reference adapters need train.method=lora")
+        if self.train.early_stopping is not None and self.audit.checkpoints is not None:
+            raise ValueError("train.early_stopping with audit.checkpoints: the adapter early stopping keeps is not the "
+                             "trajectory's last point, so its threshold would describe a model that was not audited; "
+                             "use one or the other")
         if self.train.dp is not None:
             t = self.train
             if t.method != "lora":
@@ -388,7 +420,7 @@ class RunConfig(_Strict):
         for key in ("dp", "early_stopping"):
             if d["train"].get(key, 0) is None:
                 d["train"].pop(key)
-        for key, default in (("references", None), ("blind", True), ("checkpoints", None),
+        for key, default in (("references", None), ("blind", True), ("checkpoints", None), ("fields", None),
                              ("exposure", ExposureConfig().model_dump(mode="json"))):
             if d["audit"].get(key) == default:
                 d["audit"].pop(key, None)

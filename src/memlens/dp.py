@@ -74,9 +74,32 @@ def check_dp(n_examples: int, cfg: Any) -> None:
 
     if importlib.util.find_spec("opacus") is None:
         raise MemlensError("train.dp needs Opacus, which is not installed (pip install opacus)")
+    if cfg.batch_size > n_examples:
+        raise MemlensError(f"train.dp: batch_size {cfg.batch_size} exceeds the {n_examples} training sequences; the "
+                           "sampling rate batch_size / N must be at most 1")
     if cfg.dp.delta >= 1.0 / n_examples:
         raise MemlensError(f"train.dp.delta: {cfg.dp.delta:g} is not below 1/N = {1 / n_examples:.3g} (N = "
                            f"{n_examples} training sequences): at that delta a mechanism may publish a whole record")
+
+
+def check_grad_samples(params: list[Any], batch: int) -> None:
+    """On the first batch: every trainable weight has per-sample gradients, one per sequence, that add up to its
+    ordinary gradient, and not all are zero. Hooks on the wrong modules (or on copies of them) fail here, before
+    any noise hides them."""
+    import torch
+
+    for p in params:
+        g = getattr(p, "grad_sample", None)
+        if g is None or p.grad is None:
+            raise MemlensError("DP training: a trainable weight got no per-sample gradient (Opacus's hooks are not on "
+                               "the adapter's layers); the run is not a result")
+        g = g if isinstance(g, torch.Tensor) else torch.cat(g)
+        if g.shape[0] != batch or not torch.allclose(g.sum(0), p.grad, rtol=1e-3,
+                                                      atol=1e-5 * float(p.grad.abs().max()) + 1e-8):
+            raise MemlensError("DP training: the per-sample gradients do not add up to the batch's gradient; the run "
+                               "is not a result")
+    if all(float(p.grad_sample.abs().max()) == 0 for p in params if isinstance(p.grad_sample, torch.Tensor)):
+        raise MemlensError("DP training: every per-sample gradient is zero; the run is not a result")
 
 
 @contextlib.contextmanager
@@ -127,12 +150,13 @@ def dp_train_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, prog
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     gsm.train()
     step = 0
-    # the adapter's first layers see inputs that need no gradient (the frozen embeddings): torch says so on every
-    # backward pass; the per-sample gradients of their weights come from the outputs' gradients, as intended
-    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
-                            "respect to module outputs")
+    checked = False
     try:
-        with Progress(*columns, disable=not progress, transient=False) as bar:
+        with Progress(*columns, disable=not progress, transient=False) as bar, warnings.catch_warnings():
+            # the adapter's first layers see inputs that need no gradient (the frozen embeddings): torch says so on
+            # every backward pass; their per-sample gradients come from the outputs' gradients, as intended
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
+                                    "with respect to module outputs")
             task = bar.add_task("train", total=total, loss="-")
             while step < total:
                 chosen = torch.nonzero(torch.rand(n, generator=sampler) < q).flatten().tolist()
@@ -152,6 +176,9 @@ def dp_train_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, prog
                         (nll.sum(1) / counts).sum().backward()  # each sequence's mean token NLL, summed
                         nll_sum += float(nll.detach().sum())
                         n_tokens += int(counts.sum())
+                        if not checked:
+                            check_grad_samples(params, len(piece))
+                            checked = True
                     else:  # an empty Poisson batch: the step is noise alone
                         for p in params:
                             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -160,21 +187,24 @@ def dp_train_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, prog
                     opt.zero_grad(set_to_none=True)
                 sched.step()
                 step += 1
-                row = {"step": step, "epoch": step * q, "loss": nll_sum / n_tokens if n_tokens else float("nan"),
+                row = {"step": step, "epoch": step * q, "loss": nll_sum / n_tokens if n_tokens else None,
                        "lr": lr, "grad_norm": None, "tokens": n_tokens, "sequences": len(chosen),
                        "elapsed_s": round(time.perf_counter() - t0, 4)}
                 rows.append(row)
-                bar.update(task, advance=1, loss=f"{row['loss']:.4f}")
+                bar.update(task, advance=1, loss="-" if row["loss"] is None else f"{row['loss']:.4f}")
                 if any(h.due(step, total) for h in hooks):
                     with _hooks_off(gsm):
                         if run_hooks(hooks, model, step, total, row["epoch"], rows):
                             log.info("training stopped after step %d of %d", step, total)
                             total = step
     finally:
-        gsm.remove_hooks()
+        gsm.cleanup()  # hooks and the attributes Opacus put on the parameters
     model.eval()
-    moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
-    if not moved:
+    # the model's own trainable weights now (not the optimizer's references to them, which a wrapper may have
+    # replaced): they must have moved wherever a step had a learning rate above 0
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    moved = len(after) == len(before) and any(not torch.equal(b, a) for b, a in zip(before, after))
+    if not moved and any(r["lr"] > 0 for r in rows):
         raise MemlensError("DP training left the adapter's weights unchanged (a known silent failure of Opacus with "
                            "peft: opacus #820); the run is not a result")
     spent = epsilon_spent(sigma, q, step, dp.delta, dp.accountant)

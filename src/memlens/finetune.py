@@ -479,8 +479,8 @@ def train_summary(cfg: RunConfig, prep: Prepared, tr: Trained) -> dict[str, Any]
         "train_tokens": tokens,
         "train_tokens_per_s": tokens / max(tr.seconds, 1e-9),
         "counts": prep.split.manifest["counts"],
-        "first_loss": tr.rows[0]["loss"],
-        "last_loss": tr.rows[-1]["loss"],
+        "first_loss": next((r["loss"] for r in tr.rows if r["loss"] is not None), None),
+        "last_loss": next((r["loss"] for r in reversed(tr.rows) if r["loss"] is not None), None),
         **({"dp": tr.dp} if tr.dp is not None else {}),
         **({"early_stopping": tr.early_stopping} if tr.early_stopping is not None else {}),
     }

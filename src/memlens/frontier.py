@@ -8,9 +8,9 @@ Pure computation over a table of runs (one dict a run): no store, no files.
 * **Least leakage at a utility** (:func:`least_leakage`): among the runs whose held-out perplexity is at most the
   one the user names, the run with the lowest leakage, and the others whose leakage interval overlaps its own (the
   intervals cannot tell them apart, so the choice among them is not a verdict).
-* **Factors** (:func:`factor_table`): an ordinary least-squares fit over runs, ``outcome ~ C(axis1) + C(axis2) +
-  ...`` (statsmodels), each axis a categorical variable with its first level as the reference, training seeds as
-  replicates. Each row gives a level's effect against the reference level with its 95% interval and p-value. The
+* **Factors** (:func:`factor_table`): an ordinary least-squares fit over runs (statsmodels), each axis a
+  categorical variable in treatment coding (an indicator per level but the first, the reference), training seeds
+  as replicates. Each row gives a level's effect against the reference level with its 95% interval and p-value. The
   fit is refused (a note says why) when the runs leave fewer than ``min_resid_df`` residual degrees of freedom:
   with every run spent on the coefficients there is no error estimate, and no interval to believe.
 """
@@ -25,10 +25,10 @@ import numpy as np
 def pareto_front(utility: Sequence[float], leakage: Sequence[float]) -> np.ndarray:
     """Mask of the points no other point dominates (both coordinates lower is better)."""
     u, l = np.asarray(utility, dtype=float), np.asarray(leakage, dtype=float)
-    n = len(u)
-    out = np.ones(n, dtype=bool)
-    for i in range(n):
-        dominated = (u <= u[i]) & (l <= l[i]) & ((u < u[i]) | (l < l[i]))
+    ok = np.isfinite(u) & np.isfinite(l)  # a point without a number is on no frontier
+    out = np.zeros(len(u), dtype=bool)
+    for i in np.flatnonzero(ok):
+        dominated = ok & (u <= u[i]) & (l <= l[i]) & ((u < u[i]) | (l < l[i]))
         out[i] = not dominated.any()
     return out
 
@@ -40,7 +40,8 @@ def least_leakage(runs: Sequence[dict[str, Any]], max_perplexity: float, leakage
     ``best`` (the run or None), ``eligible`` (how many runs qualify) and ``tied`` (the other eligible runs whose
     interval overlaps the best's).
     """
-    eligible = [r for r in runs if r["heldout_ppl"] <= max_perplexity]
+    eligible = [r for r in runs if r["heldout_ppl"] <= max_perplexity and r[leakage] is not None
+                and np.isfinite(r[leakage])]
     if not eligible:
         return {"best": None, "eligible": 0, "tied": [], "max_perplexity": max_perplexity}
     best = min(eligible, key=lambda r: r[leakage])
@@ -53,39 +54,38 @@ def factor_table(runs: Sequence[dict[str, Any]], axes: Sequence[str], outcome: s
     """OLS of ``outcome`` on the categorical ``axes`` over ``runs`` (see the module docstring).
 
     Returns ``rows`` (axis, level, reference level, effect, lo, hi, p, n runs at that level), the fit's ``n``,
-    residual degrees of freedom and R^2, and ``note`` when no fit was made.
+    residual degrees of freedom and R^2, and ``note`` when no fit was made: too few residual degrees of freedom, or
+    axes that vary together (a design of deficient rank, whose effects cannot be told apart). Runs whose outcome is
+    missing are left out before anything is counted.
     """
-    import pandas as pd
-    import statsmodels.formula.api as smf
+    import statsmodels.api as sm
 
-    data = pd.DataFrame([{**{a: str(r[a]) for a in axes}, "y": float(r[outcome])} for r in runs])
-    used = [a for a in axes if data[a].nunique() > 1]  # an axis with one level has no effect to estimate
-    out: dict[str, Any] = {"outcome": outcome, "n": len(data), "axes": used, "rows": []}
+    runs = [r for r in runs if r.get(outcome) is not None and np.isfinite(float(r[outcome]))]
+    levels = {a: sorted({str(r[a]) for r in runs}, key=_level_key) for a in axes}
+    used = [a for a in axes if len(levels[a]) > 1]  # an axis with one level has no effect to estimate
+    out: dict[str, Any] = {"outcome": outcome, "n": len(runs), "axes": used, "rows": []}
     if not used:
         out["note"] = "no axis varies across these runs"
         return out
-    n_coef = 1 + sum(data[a].nunique() - 1 for a in used)
-    resid_df = len(data) - n_coef
+    columns = [(a, lvl) for a in used for lvl in levels[a][1:]]  # treatment coding: the first level is the reference
+    x = np.array([[1.0] + [float(str(r[a]) == lvl) for a, lvl in columns] for r in runs])
+    y = np.array([float(r[outcome]) for r in runs])
+    resid_df = len(runs) - x.shape[1]
     if resid_df < min_resid_df:
-        out["note"] = (f"{len(data)} runs for {n_coef} coefficients leave {resid_df} residual degrees of freedom "
+        out["note"] = (f"{len(runs)} runs for {x.shape[1]} coefficients leave {resid_df} residual degrees of freedom "
                        f"(at least {min_resid_df} needed): no fit; add seeds")
         return out
-    names = {a: f"x{i}" for i, a in enumerate(used)}  # safe column names for the formula
-    frame = data.rename(columns=names)
-    refs = {a: sorted(data[a].unique(), key=_level_key)[0] for a in used}
-    terms = " + ".join(f"C({names[a]}, Treatment(reference={refs[a]!r}))" for a in used)
-    fit = smf.ols(f"y ~ {terms}", data=frame).fit()
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+        out["note"] = "some settings vary together across these runs (the design is not of full rank): their " \
+                      "effects cannot be told apart; no fit"
+        return out
+    fit = sm.OLS(y, x).fit()
     ci = fit.conf_int(alpha=1 - level)
-    for a in used:
-        prefix = f"C({names[a]}, Treatment(reference={refs[a]!r}))[T."
-        for lvl in sorted(data[a].unique(), key=_level_key):
-            if lvl == refs[a]:
-                continue
-            key = f"{prefix}{lvl}]"
-            out["rows"].append({"axis": a, "level": lvl, "reference": refs[a], "effect": float(fit.params[key]),
-                                "lo": float(ci.loc[key, 0]), "hi": float(ci.loc[key, 1]),
-                                "p": float(fit.pvalues[key]), "n": int((data[a] == lvl).sum())})
-    out.update(resid_df=int(fit.df_resid), r2=float(fit.rsquared))
+    for j, (a, lvl) in enumerate(columns, start=1):
+        out["rows"].append({"axis": a, "level": lvl, "reference": levels[a][0], "effect": float(fit.params[j]),
+                            "lo": float(ci[j, 0]), "hi": float(ci[j, 1]), "p": float(fit.pvalues[j]),
+                            "n": int(sum(str(r[a]) == lvl for r in runs))})
+    out.update(resid_df=int(round(fit.df_resid)), r2=float(fit.rsquared))
     return out
 
 

@@ -242,6 +242,20 @@ def checkpoint_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], 
     return header, [list(r) for r in rows]
 
 
+def field_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list[list[Any]]]:
+    """The run's field-leakage rows (audit.fields): one per game measure and field type, rates and differences
+    (no text: field values never leave the store)."""
+    keys = ["n_members", "n_nonmembers", "repeats", "members", "nonmembers", "members_base", "nonmembers_base",
+            "member_minus_nonmember", "mn_lo", "mn_hi", "ft_minus_base", "fb_lo", "fb_hi", "chance", "n_canaries",
+            "canaries", "canaries_base", "canary_minus_nonmember", "cn_lo", "cn_hi"]
+    rows = []
+    for name, subject, details in conn.execute("SELECT name, subject, details_json FROM metrics WHERE run_id = ? "
+                                               "AND name LIKE 'field:%' ORDER BY rowid", (run_id,)):
+        d = json.loads(details)
+        rows.append([name.removeprefix("field:"), subject, *(d.get(k) for k in keys)])
+    return ["measure", "field", *keys], rows
+
+
 def sample_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list[list[Any]]]:
     """The run's per-sample table: id, member, canary copies, then one column per value name (no text hash, keyed
     or not: an export never carries anything computed from a text)."""
@@ -260,7 +274,8 @@ def sample_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list
 
 
 def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path, table: str = "samples") -> Path | None:
-    """Write the per-sample table (``table="samples"``) or the trajectory (``"checkpoints"``) to CSV or Parquet;
+    """Write the per-sample table (``table="samples"``), the trajectory (``"checkpoints"``) or the field-leakage
+    rows (``"fields"``) to CSV or Parquet;
     ``out`` = ``-`` writes CSV to standard output.
 
     The file is written under a temporary name beside ``out`` (user-only), then renamed onto it; an existing ``out``
@@ -272,9 +287,9 @@ def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path, tab
 
     if fmt not in ("csv", "parquet"):
         raise MemlensError(f"unknown export format {fmt!r}: expected csv or parquet")
-    tables = {"samples": sample_table, "checkpoints": checkpoint_table}
+    tables = {"samples": sample_table, "checkpoints": checkpoint_table, "fields": field_table}
     if table not in tables:
-        raise MemlensError(f"unknown table {table!r}: expected {' or '.join(tables)}")
+        raise MemlensError(f"unknown table {table!r}: expected {', '.join(tables)}")
     if str(out) == "-":
         if fmt != "csv":
             raise MemlensError("--out -: only CSV can be written to standard output")

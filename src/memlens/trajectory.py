@@ -102,7 +102,7 @@ class Trajectory:
         from memlens.models import at_precision, resolve_precision
         from memlens.scoring import score
 
-        recent = rows[self._seen_rows:]
+        recent = [r for r in rows[self._seen_rows:] if r["tokens"] and r["loss"] is not None]  # (an empty DP step)
         self._seen_rows = len(rows)
         tokens = sum(r["tokens"] for r in recent)
         loss = sum(r["loss"] * r["tokens"] for r in recent) / tokens if tokens else None

@@ -82,6 +82,22 @@ def fields_of(events: tuple[Event, ...]) -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+def is_phee_form(path: str | Path) -> bool:
+    """Whether a JSON Lines file is in PHEE's annotated form (``context`` and ``annotations`` on its first line)
+    rather than plain ``text`` lines; the first line decides, and :func:`read_split` checks every line."""
+    for _, obj in iter_json_lines(Path(path)):
+        return "context" in obj and "annotations" in obj and "text" not in obj
+    return False
+
+
+def read_jsonl_any(path: str | Path, split: str = "all") -> list[Record]:
+    """A JSON Lines file of plain texts (``text``, optional ``id``) or in PHEE's annotated form (``id``,
+    ``context``, ``annotations``: the field games then have fields to play)."""
+    from memlens.data.records import read_jsonl
+
+    return read_split(path, split) if is_phee_form(path) else read_jsonl(path, split)
+
+
 def read_split(path: str | Path, split: str) -> list[Record]:
     """Read one PHEE split file; any problem is reported as ``FILE:LINE: message``."""
     path = Path(path)

@@ -25,7 +25,7 @@ from typing import Any
 
 from memlens.config import DataConfig, SplitSpec
 from memlens.data import phee, synthetic
-from memlens.data.records import Record, file_sha256, read_csv, read_jsonl
+from memlens.data.records import Record, file_sha256, read_csv
 from memlens.errors import MemlensError
 from memlens.provenance import json_hash
 
@@ -61,7 +61,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     if kind == "synthetic":
         return Corpus("synthetic", synthetic.load(cfg.synthetic_size, seed=0), {})
     p = Path(path).expanduser()
-    records = read_jsonl(p) if kind == "jsonl" else read_csv(p)
+    records = phee.read_jsonl_any(p) if kind == "jsonl" else read_csv(p)
     return Corpus(cfg.source, {"all": records}, {p.name: file_sha256(p)})
 
 

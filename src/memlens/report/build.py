@@ -20,6 +20,7 @@ from memlens.errors import MemlensError
 from memlens.report import audit_tables as AT
 from memlens.report import data as D
 from memlens.report import figures as F
+from memlens.report import leakage as LK
 from memlens.report import paper
 from memlens.report import privacy as PV
 from memlens.report import seeds as SD
@@ -267,6 +268,16 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
         dpairs = paired_rows(conn, runs, "ref_lora", n_boot)
         domain = {"pairs": dpairs, "verdict": verdict_text(dpairs), "table": table_rows(
             [r for r in runs if r.metric("auc", "ref_lora")], "ref_lora")}
+    add(F.field_rates(LK.field_series(runs), "recovered"), "field_rates",
+        "Field leakage: the members' exact recovery by field type per configuration (bars), non-members (o) and "
+        "the base model on the members (x); intervals in the field tables below")
+    for r in [r for r in runs if r.summary.get("anatomy")][:6]:
+        g = LK.anatomy_grid(r, "relative")
+        if g is not None:
+            add(F.anatomy_heatmap(f"{r.targets} r{r.rank}", *g, "relative"), f"anatomy_{r.run_id[:8]}",
+                f"Adapter anatomy, run {r.name}: the update's Frobenius norm against the frozen weight's, per layer "
+                "and matrix")
+    leakage = {"fields": LK.field_tables(runs), "size": LK.size_vs_leakage(runs, attack)}
     privacy = {"trajectories": trajectories, "dp": PV.dp_rows(runs, attack), "front": front,
                "factors": PV.factors(runs, attack) if len(runs) >= 4 else []}
     models = sorted({r.summary.get("model", {}).get("source", "?") for r in runs})
@@ -286,7 +297,7 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
         version=__version__, store=str(store), attack=attack, runs=runs, table=table, pairs=pairs,
         verdict=verdict_text(pairs), figures=figs, domain=domain, across=across,
         audits=[AT.attack_table(r) for r in runs[:30]], fprs=AT.FPRS, notes=notes, models=models, paper_source=paper.SOURCE,
-        fmt=_fmt, examples=examples, escape=html.escape, privacy=privacy)
+        fmt=_fmt, examples=examples, escape=html.escape, privacy=privacy, leakage=leakage)
     path = out / "report.html"
     tmp = out / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")

@@ -197,6 +197,49 @@ def trajectory(label: str, points: list[dict[str, Any]], attack: str, threshold_
     return fig
 
 
+def field_rates(series: dict[str, dict[str, tuple]], measure: str):
+    """Per field type, one bar per configuration: the members' rate under the fine-tuned model, with the
+    non-members' (o) and the base model's on the members (x) marked on it."""
+    if not series:
+        return None
+    fields = [f for f in dict.fromkeys(f for s in series.values() for f in s)]
+    if not fields:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(fields) * max(1, len(series)) / 2), 4.2))
+    width = 0.8 / len(series)
+    x = np.arange(len(fields))
+    for k, (label, rates) in enumerate(series.items()):
+        pos = x - 0.4 + width * (k + 0.5)
+        mem = [rates.get(f, (np.nan,) * 3)[0] for f in fields]
+        non = [rates.get(f, (np.nan,) * 3)[1] for f in fields]
+        base = [rates.get(f, (np.nan,) * 3)[2] for f in fields]
+        ax.bar(pos, mem, width, label=f"{label}: members")
+        ax.scatter(pos, non, marker="o", color="k", s=14, zorder=3, label="non-members" if k == 0 else None)
+        ax.scatter(pos, base, marker="x", color="r", s=14, zorder=3, label="base model, members" if k == 0 else None)
+    ax.set_xticks(x, fields, rotation=30)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("recovered (exact)" if measure == "recovered" else "candidate game top-1")
+    ax.set_title("Field leakage by field type and configuration")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def anatomy_heatmap(label: str, layers: list[int], matrices: list[str], grid: np.ndarray, stat: str):
+    """Layers x adapted matrices: the size of the adapter's update in each module."""
+    if grid.size == 0:
+        return None
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(matrices), 1.2 + 0.22 * len(layers)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(matrices)), [m.upper() for m in matrices])
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label={"fro": "||s B A||_F", "relative": "||s B A||_F / ||W||_F"}.get(stat, stat))
+    ax.set_title(f"Adapter anatomy: {label}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig: Any, folder, name: str) -> tuple[str, str]:
     """Write PNG and SVG; return the PNG's base64 text and the file stem."""
     import base64

@@ -1,0 +1,80 @@
+"""The report's field-leakage and adapter-anatomy sections: per run, the field table (completion and the candidate
+game by field type) and the heatmap of the adapter's update sizes; across a study's runs, the field rates by
+configuration and how the update's size relates to leakage. Reads runs; the computation lives in
+:mod:`memlens.fields` and :mod:`memlens.anatomy`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from memlens import metrics as M
+from memlens.report import data as D
+
+MIN_RUNS_FOR_CORRELATION = 10  # no correlation, and no interval, on fewer runs
+
+
+def field_tables(runs: list[D.RunView]) -> list[dict[str, Any]]:
+    """Per run with field games: its rows by field type, completion and the candidate game side by side."""
+    out = []
+    for r in runs:
+        f = r.summary.get("fields")
+        if not f:
+            continue
+        top1 = {row["field"]: row for row in f["tables"]["top1"]}
+        rows = [{"field": row["field"], "recovered": row, "top1": top1.get(row["field"])}
+                for row in f["tables"]["recovered"]]
+        out.append({"run": r.name, "label": f"{r.targets} r{r.rank}" + (f" x{r.repeats}" if r.repeats > 1 else ""),
+                    "rows": rows, "items": f["items"], "records": f["records"], "repeats": f["repeats"],
+                    "candidates": f["candidates"]})
+    return out
+
+
+def field_series(runs: list[D.RunView], measure: str = "recovered") -> dict[str, dict[str, tuple]]:
+    """{configuration label: {field type: (members, non-members, base members)}} for the study figure."""
+    out: dict[str, dict[str, tuple]] = {}
+    for t in field_tables(runs):
+        key = "recovered" if measure == "recovered" else "top1"
+        out[t["label"]] = {row["field"]: (row[key]["members"], row[key]["nonmembers"], row[key]["members_base"])
+                           for row in t["rows"] if row[key] is not None and row["field"] != "all"}
+    return out
+
+
+def anatomy_grid(run: D.RunView, stat: str = "fro") -> tuple[list[int], list[str], np.ndarray] | None:
+    """(layers, matrices, values) of one run's anatomy rows (nan where a layer's matrix is not adapted)."""
+    rows = [m for m in run.metrics if m["name"] == f"anatomy:{stat}"]
+    if not rows:
+        return None
+    layers = sorted({m["details"]["layer"] for m in rows if m["details"].get("layer") is not None})
+    matrices = list(dict.fromkeys(m["details"]["matrix"] for m in rows))
+    grid = np.full((len(layers), len(matrices)), np.nan)
+    for m in rows:
+        if m["details"].get("layer") is not None:
+            grid[layers.index(m["details"]["layer"]), matrices.index(m["details"]["matrix"])] = m["value"]
+    return layers, matrices, grid
+
+
+def size_vs_leakage(runs: list[D.RunView], attack: str) -> dict[str, Any]:
+    """Across runs: the adapter's total update size (Frobenius norm over every adapted module) against the
+    attack's AUC and the members' field recovery; Spearman correlations with Fisher-z 95% intervals only from
+    :data:`MIN_RUNS_FOR_CORRELATION` runs on (else the points alone)."""
+    pts = []
+    for r in runs:
+        an = r.summary.get("anatomy")
+        if not an:
+            continue
+        size = float(np.sqrt(sum(v["fro"] ** 2 for v in an.values())))
+        f = r.summary.get("fields")
+        rec = None
+        if f:
+            rec = next((row["members"] for row in f["tables"]["recovered"] if row["field"] == "all"), None)
+        pts.append({"run": r.name, "label": f"{r.targets} r{r.rank}", "size": size, "auc": r.auc(attack),
+                    "recovery": rec})
+    out: dict[str, Any] = {"points": pts, "correlations": [], "min_runs": MIN_RUNS_FOR_CORRELATION}
+    for what in ("auc", "recovery"):
+        xy = [(p["size"], p[what]) for p in pts if p[what] is not None and p[what] == p[what]]
+        if len(xy) >= MIN_RUNS_FOR_CORRELATION:
+            c = M.correlation([x for x, _ in xy], [y for _, y in xy], "spearman")
+            out["correlations"].append({"against": what, "r": c.r, "lo": c.lo, "hi": c.hi, "n": c.n})
+    return out

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+
+from memlens.audit import run_config
+from memlens.config import load_config
+from memlens.data import synthetic
+from memlens.fields import (candidates, field_items, field_table, normalise, recovered, substituted, token_f1,
+                            true_rank, value_pool)
+
+BASE = ["model=tiny", "data.source=synthetic", "data.synthetic_size=400", "train.batch_size=8",
+        "audit.bootstrap=50", "audit.extraction=null", "audit.blind=false", "audit.fields.bootstrap=200",
+        "audit.fields.types=[drug, age, effect, disorder]"]
+
+
+def test_matching_rules():
+    assert normalise("  Lisinopril, ") == "lisinopril"
+    assert recovered(" lisinopril therapy for", "Lisinopril")
+    assert not recovered(" the lisinopril", "lisinopril")
+    assert token_f1(" 25 mg every 8 hours and", "25 mg every 8 hours") == 1.0
+    assert token_f1(" 25 mg daily", "25 mg every 8 hours") == pytest.approx(2 * (2 / 3) * (2 / 5) / (2 / 3 + 2 / 5))
+    assert token_f1("", "x") == 0.0
+    assert true_rank([1.0, 2.0, 3.0]) == 1.0 and true_rank([2.0, 1.0, 3.0]) == 2.0
+    assert true_rank([1.0, 1.0, 3.0]) == 1.5  # a tie counts half
+
+
+def test_prompts_never_contain_the_field_they_ask_for():
+    recs = synthetic.generate(300, seed=1)
+    items = field_items(recs)
+    assert len(items) > 600 and {it.ftype for it in items} >= {"drug", "age", "effect", "disorder", "gender"}
+    for it in items:
+        text = recs[it.record].text
+        assert text[it.start : it.start + len(it.value)] == it.value
+        prompt = text[: it.start].rstrip()
+        assert it.repeat == (normalise(it.value) in normalise(prompt))
+        if not it.repeat:
+            assert normalise(it.value) not in normalise(prompt)
+    # a value written twice: its second mention is a repeat
+    from memlens.data.records import Event, Record, Span
+
+    r = Record("x", "Aspirin again: aspirin caused rash.",
+               events=(Event("ADE", (Span("treatment.drug", "Aspirin", 0), Span("treatment.drug", "aspirin", 15))),))
+    first, second = field_items([r])
+    assert not first.repeat and second.repeat
+
+
+def test_candidates_are_distinct_values_of_the_same_type():
+    recs = synthetic.generate(300, seed=1)
+    items = field_items(recs)[:50]
+    pool = value_pool(recs)
+    cands = candidates(items, pool, 10, seed=0)
+    for it, cs in zip(items, cands):
+        assert cs[0] == it.value and 1 < len(cs) <= 11
+        assert len({normalise(c) for c in cs}) == len(cs)
+        assert all(c in pool[it.ftype] for c in cs[1:])
+        text = substituted(recs[it.record].text, it, cs[1])
+        assert cs[1] in text and text.startswith(recs[it.record].text[: it.start])
+    assert candidates(items, pool, 10, seed=0) == cands  # seeded
+
+
+def test_field_table_rates_and_paired_intervals():
+    from memlens.data.records import Event, Record, Span
+
+    recs = [Record(f"r{i}", "A took drug.", events=(Event("ADE", (Span("treatment.drug", "drug", 7),)),))
+            for i in range(40)]
+    items = field_items(recs)
+    member = np.array([1] * 20 + [0] * 20)
+    ft = np.array([1.0] * 20 + [0.0] * 10 + [1.0] * 10)  # members all recovered, half of the non-members
+    base = np.array([0.0] * 10 + [1.0] * 10 + [0.0] * 10 + [1.0] * 10)
+    (drug, every) = field_table(items, member, {"ft": ft, "base": base}, "recovered", n_boot=500)
+    assert drug["field"] == "drug" and every["field"] == "all"
+    assert (drug["members"], drug["nonmembers"], drug["members_base"]) == (1.0, 0.5, 0.5)
+    assert drug["member_minus_nonmember"] == 0.5 and drug["mn_lo"] < 0.5 < drug["mn_hi"] and drug["mn_lo"] > 0.2
+    assert drug["ft_minus_base"] == 0.5 and drug["fb_lo"] > 0.2
+
+
+def _run(tmp_path, *extra):
+    return run_config(load_config(None, [*BASE, f"output_dir={tmp_path}", *extra]), progress=False)
+
+
+def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is_at_chance(tmp_path):
+    """Full fine-tuning that memorizes 12 members: their fields come back (completion) and win the candidate game;
+    the non-members' recovery stays near the base model's. With an adapter that never moved (one step at warm-up
+    lr 0), the candidate game is at chance."""
+    res = _run(tmp_path / "mem", "data.members.n=12", "data.nonmembers.n=12", "train.method=full",
+               "train.epochs=60", "train.lr=1e-2", "train.warmup_steps=5", "audit.fields.n=12")
+    f = res.summary["fields"]
+    rec = {r["field"]: r for r in f["tables"]["recovered"]}["all"]
+    top = {r["field"]: r for r in f["tables"]["top1"]}["all"]
+    # (the misses are fields whose prompt several members share, e.g. "A" before an age: nothing tells them apart)
+    assert rec["n_members"] > 20 and rec["members"] > 0.8 and top["members"] > 0.9
+    assert abs(rec["nonmembers"] - rec["nonmembers_base"]) < 0.25 and rec["members_base"] < 0.3
+    assert rec["mn_lo"] > 0.4 and rec["fb_lo"] > 0.4
+    # the export carries the per-field rows (rates only: no field value leaves the store)
+    import csv
+
+    from memlens import store as S
+
+    out = S.export(S.connect(res.store), res.run_id, "csv", tmp_path / "f.csv", table="fields")
+    rows = list(csv.DictReader(open(out)))
+    assert {r["measure"] for r in rows} == {"recovered", "f1", "top1", "rr"}
+    row = next(r for r in rows if r["measure"] == "recovered" and r["field"] == "all")
+    assert float(row["members"]) == pytest.approx(rec["members"]) and "value" not in row
+    # anatomy: a full fine-tune has no adapter; the untrained LoRA run below has one (B = 0: every norm 0)
+    assert "anatomy" not in res.summary
+    untrained = _run(tmp_path / "un", "data.members.n=30", "data.nonmembers.n=30", "train.max_steps=1",
+                     "audit.fields.n=30", "audit.fields.candidates=4")
+    top = {r["field"]: r for r in untrained.summary["fields"]["tables"]["top1"]}["all"]
+    assert untrained.summary["adapter_changed"] is False
+    assert all(v["fro"] == 0.0 for v in untrained.summary["anatomy"].values())
+    assert top["members"] == top["members_base"]  # the model is the base model
+    assert abs(top["members"] - top["chance"]) < 0.15 and top["chance"] == pytest.approx(0.2, abs=0.02)
