@@ -44,9 +44,12 @@ def per_sample_stats(model: Any, seqs: list[list[int]], *, ks=(), min_k_pp: bool
 
 
 def trainer_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, progress: bool = False,
-                 tokenizer: Any = None) -> list[dict]:
+                 tokenizer: Any = None, hooks: Any = ()) -> list[dict]:
     """Train with the Hugging Face Trainer at the hyperparameters of ``cfg`` (a memlens TrainConfig); returns
-    memlens-style log rows (step, loss, tokens = targets, sequences, elapsed_s)."""
+    memlens-style log rows (step, loss, tokens = targets, sequences, elapsed_s). ``hooks`` (memlens's
+    checkpoints, early stopping) are not supported: the baseline's runs have none."""
+    if hooks:
+        raise ValueError("the Trainer baseline runs no memlens training hooks")
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 

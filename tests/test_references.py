@@ -82,6 +82,9 @@ def test_settings_at_their_defaults_leave_run_ids_unchanged():
     d["data"]["canary"].pop("formatted")
     d["train"].pop("too_long")
     d["train"].pop("loss_average")  # packing stays: its default (on) is new behaviour, so it is in the id
+    for section, key in (("audit", "checkpoints"), ("audit", "fields"), ("train", "dp"), ("train", "early_stopping")):
+        assert d[section].pop(key) is None  # added later, off by default
+    assert d["data"]["canary"].pop("one_run") is None
     from memlens.provenance import json_hash
 
     for k in ("name", "output_dir", "store"):
@@ -89,6 +92,9 @@ def test_settings_at_their_defaults_leave_run_ids_unchanged():
     d["resolved"] = load_config(None, ["model=tiny"]).resolved()
     assert a == json_hash(d)
     assert load_config(None, ["model=tiny", "audit.references.count=2"]).config_hash() != a
+    for on in ("audit.checkpoints.every=5", "audit.fields.n=8", "train.dp.epsilon=8", "train.early_stopping.patience=2",
+               "data.canary.one_run.count=10"):
+        assert load_config(None, ["model=tiny", on]).config_hash() != a, on
 
 
 def test_domain_matched_references_find_what_the_base_model_hides_and_are_trained_once(tmp_path):

@@ -62,10 +62,11 @@ def _trajectory(conn, run_id):
 def test_trajectory_rises_on_the_positive_control_and_ends_at_the_final_audit(tmp_path):
     """A rank-8 adapter on 8 members for 60 steps memorizes them: the loss attack's AUC rises with the steps; the
     last checkpoint is the trained model, so its numbers are the final audit's."""
-    args = [*BASE, f"output_dir={tmp_path}", "data.members.n=8", "data.nonmembers.n=32", "lora.targets=[q, v, o]",
-            "lora.rank=8", "train.max_steps=60", "train.lr=3e-3", "train.warmup_steps=5"]
-    res = run_config(load_config(None, [*args, "audit.checkpoints.every=15", "audit.checkpoints.signal=loss"]),
-                     progress=False)
+    args = [*[b for b in BASE if b != "audit.extraction=null"], f"output_dir={tmp_path}", "data.members.n=8",
+            "data.nonmembers.n=32", "lora.targets=[q, v, o]", "lora.rank=8", "train.max_steps=60", "train.lr=3e-3",
+            "train.warmup_steps=5", "audit.extraction.n=8"]
+    res = run_config(load_config(None, [*args, "audit.checkpoints.every=15", "audit.checkpoints.signal=loss",
+                                        "audit.checkpoints.extraction=true"]), progress=False)
     conn = S.connect(res.store)
     rows = _trajectory(conn, res.run_id)
     auc = {r["step"]: r["value"] for r in rows if r["name"] == "auc" and r["subject"] == "loss"}
@@ -89,7 +90,11 @@ def test_trajectory_rises_on_the_positive_control_and_ends_at_the_final_audit(tm
     exported = list(csv.DictReader(open(out)))
     assert len(exported) == len(rows) and exported[0].keys() == {"step", "epoch", "name", "subject", "value", "lo",
                                                                    "hi"}
-    # checkpoints draw no random numbers: the training is the same without them (only the run id differs)
+    # extraction at the checkpoints after step 0: members' continuations come closer to their suffixes
+    share = {r["step"]: r["value"] for r in rows
+             if r["name"] == "extraction:ngram_share" and r["subject"] == "difference"}
+    assert sorted(share) == [15, 30, 45, 60] and share[60] > share[15]
+    # checkpoints leave the training's random state alone (generation forks it): the same training without them
     plain = run_config(load_config(None, [*args, "output_dir=" + str(tmp_path / "plain")]), progress=False)
     assert plain.summary["last_loss"] == res.summary["last_loss"]
     assert plain.summary["attacks"]["loss"]["auc"] == res.summary["attacks"]["loss"]["auc"]
@@ -109,3 +114,13 @@ def test_trajectory_with_lora_under_bf16_scores_the_model_as_loaded(tmp_path):
     plain = run_config(load_config(None, [*args, f"output_dir={tmp_path / 'plain'}"]), progress=False)
     assert plain.summary["last_loss"] == res.summary["last_loss"]
     assert np.isfinite([r["value"] for r in rows if r["name"] != "tpr@0.01"]).all()
+    # a run without a trajectory has none to export: an error, not an empty file
+    with pytest.raises(MemlensError, match="ran without audit.checkpoints"):
+        S.export(S.connect(plain.store), plain.run_id, "csv", tmp_path / "none.csv", table="checkpoints")
+    assert not (tmp_path / "none.csv").exists()
+    # memlens audit does not train: checkpoints there are refused before anything loads
+    from memlens.audit import audit_adapter
+    from memlens.config import AuditConfig
+
+    with pytest.raises(MemlensError, match="does not train"):
+        audit_adapter("tiny", None, "m.jsonl", "n.jsonl", AuditConfig(checkpoints={"every": 2}), db=tmp_path / "a.db")

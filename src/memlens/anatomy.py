@@ -5,12 +5,13 @@ dW = s * B @ A (B: out x r, A: r x in, s the LoRA scaling). Per module:
 
 * ``fro``: its Frobenius norm ||dW||_F;
 * ``spectral``: its largest singular value ||dW||_2;
-* ``stable_rank``: ||dW||_F^2 / ||dW||_2^2 (between 1 and r: how many directions carry the update);
+* ``stable_rank``: ||dW||_F^2 / ||dW||_2^2 (between 1 and r: how many directions carry the update; 0 for a zero
+  update);
 * ``relative``: ||dW||_F / ||W||_F, its size against the frozen weight.
 
 dW is never formed: with thin QR factorisations B = Q_B R_B and A^T = Q_A R_A, dW = s Q_B (R_B R_A^T) Q_A^T, so its
-singular values are those of the r x r matrix s R_B R_A^T (exact, in float64). Pure computation over tensors (the
-peft model's, or an adapter's safetensors with the base weights).
+singular values are those of the r x r matrix s R_B R_A^T (exact, in float64). Computed for every LoRA run of
+``memlens run`` from the trained peft model (not by ``memlens audit``).
 """
 
 from __future__ import annotations

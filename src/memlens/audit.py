@@ -426,7 +426,8 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
 
         zl = np.array([zlib_length(r.text) for r in records], dtype=np.float64)
         keep = np.array([r.id not in prep.split.canaries for r in records], dtype=bool)
-        trajectory = Trajectory(seqs, base, zl, member, keep, cfg.audit, prep.pad_id, progress)
+        trajectory = Trajectory(seqs, base, zl, member, keep, cfg.audit, prep.pad_id, progress,
+                                eos_id=prep.lm.tokenizer.eos_token_id)
     games = None
     if cfg.audit.fields is not None:  # the base model's part before the adapter is attached
         from memlens.fields import FieldGames, value_pool
@@ -528,6 +529,9 @@ def audit_adapter(model_name: str, adapter: str | None, members_file: str, nonme
     if cfg.references is not None:
         raise MemlensError("references: reference adapters are trained with the audited run's own fine-tuning "
                            "settings, which memlens audit does not know; use memlens run")
+    if cfg.checkpoints is not None:
+        raise MemlensError("checkpoints: a trajectory is scored while training; memlens audit does not train (use "
+                           "memlens run)")
     if adapter_dir is not None:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise MemlensError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")

@@ -280,7 +280,8 @@ def demo(
              "memlens study my-study.yaml --executor ray --dry-run")
 def study(
     study_ref: str = typer.Argument(..., metavar="STUDY", help="a study YAML, or a shipped study: "
-                                    "paper-table-3.1, paper-rank, paper-canary, paper-perplexity, demo"),
+                                    "paper-table-3.1, paper-rank, paper-canary, paper-perplexity, privacy-utility, "
+                                    "field-leakage, demo"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the study's base config"),
     profile: Optional[str] = typer.Option(None, "--profile", help="quick | full | a profile the study defines"),
     store: Path = typer.Option(Path("runs/memlens.sqlite"), "--store", help="results store (SQLite)"),
@@ -418,8 +419,8 @@ def results_export(
     table: str = typer.Option("samples", "--table", help="samples | checkpoints (the trajectory of a run with "
                               "audit.checkpoints) | fields (the field-leakage rows of a run with audit.fields)"),
 ) -> None:
-    """The per-sample table of a run (id, member, n_tokens, nll_base, nll_ft, score_<attack> ...), or its
-    trajectory (step, epoch, name, subject, value, lo, hi)."""
+    """The per-sample table of a run (id, member, n_tokens, nll_base, nll_ft, score_<attack> ...), its trajectory
+    (step, epoch, name, subject, value, lo, hi) or its field-leakage rows (measure, field, rates, differences)."""
     from memlens import store as S
 
     conn = _open_store(store)

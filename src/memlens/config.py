@@ -268,6 +268,8 @@ class CheckpointsConfig(_Strict):
     tolerance: float = Field(0.01, ge=0, description="the threshold's utility tolerance: a later gain in held-out "
                              "mean NLL smaller than this many nats counts as none")
     signal: str = Field("ref_ratio", description="the attack whose AUC is the membership signal of the threshold")
+    extraction: bool = Field(False, description="also run greedy extraction at each checkpoint, on the records "
+                             "audit.extraction samples (its n): the n-gram share of members and non-members")
 
     @model_validator(mode="after")
     def _one_schedule(self) -> CheckpointsConfig:
@@ -334,6 +336,8 @@ class AuditConfig(_Strict):
     def _min_k_in_ks(self) -> AuditConfig:
         if self.min_k not in self.ks:
             self.ks = sorted({*self.ks, self.min_k})
+        if self.checkpoints is not None and self.checkpoints.extraction and self.extraction is None:
+            raise ValueError("checkpoints.extraction: needs audit.extraction (which records, how the prompt ends)")
         if self.checkpoints is not None and self.checkpoints.signal not in self.attacks:
             raise ValueError(f"checkpoints.signal: {self.checkpoints.signal!r} is not one of audit.attacks "
                              f"({', '.join(self.attacks)})")

@@ -20,8 +20,8 @@ What a run with ``train.dp`` does, step by step:
 - **Checked after training**: the adapter's weights must have moved. Opacus with peft has failed silently, leaving
   LoRA weights unchanged (opacus #820, peft #3409); a DP run whose adapter did not change is an error, not a result.
 - **Precision**: float32 (per-sample gradients under bf16 autocast are not supported); the noise comes from
-  torch's generator seeded by ``train.seed`` (reproducible; not Opacus's secure mode, which resists floating-point
-  attacks on the noise but cannot be replayed).
+  torch's generator seeded by ``train.seed + 1``, the sampling's by ``train.seed`` (reproducible; not Opacus's
+  secure mode, which resists floating-point attacks on the noise but cannot be replayed).
 """
 
 from __future__ import annotations

@@ -14,14 +14,16 @@ annotate each field with its character offset. Two games, after Lukas et al. 202
   apart; a field that opens its text (nothing before it tells one record from another) is not played.
 * **Inference** (the candidate game). The field's true value and ``candidates`` other values of the same field
   type, drawn from the corpus's other records (distinct after normalisation): each candidate is put in the
-  field's place and the whole sentence scored; the true value's rank among them (ties count half) gives top-1
+  field's place and the whole sentence scored; the true value's rank among them (a tie counts half a place) gives
+  top-1 (a two-way tie at the top counts half a hit)
   accuracy and the reciprocal rank. Chance is 1/(candidates + 1). This measures leakage even where greedy decoding
   would not emit the value.
 
 Rates are per field type, for members and non-members under the fine-tuned model and for both under the base
 model, on the same prompts. Differences (members - non-members under the fine-tuned model; fine-tuned - base on
 the members) carry a 95% bootstrap interval over records (a record's fields resampled together, members and
-non-members apart). Pure functions here; :func:`run_games` calls the model.
+non-members apart). The functions above the tables are pure; :func:`complete`, :func:`infer` and
+:class:`FieldGames` call the model.
 """
 
 from __future__ import annotations

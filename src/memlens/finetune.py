@@ -443,7 +443,7 @@ def train(cfg: RunConfig, prep: Prepared, progress: bool = True, hooks: Sequence
 
         rows, dp = dp_train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress, hooks)
     else:
-        rows = train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress, hooks)
+        rows = train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress, hooks=hooks)
     if stopper is not None:
         stopper.restore(model)
     seconds = time.perf_counter() - t

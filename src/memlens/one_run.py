@@ -2,7 +2,7 @@
 
 m canaries (``data.canary.one_run``: new formatted texts, see :mod:`memlens.exposure`) are each put into the
 training set once with probability 1/2, independently. After training, each canary's score is its mean NLL under
-the base model minus under the fine-tuned one (the reference-calibrated loss). The auditor guesses "in" for the
+the base model minus under the fine-tuned one (the loss calibrated by the base model). The auditor guesses "in" for the
 ``guesses`` highest scores and "out" for the ``guesses`` lowest, abstaining on the rest: r = 2 x guesses guesses, v
 of them correct.
 

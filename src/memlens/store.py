@@ -159,7 +159,8 @@ def run_exists(conn: sqlite3.Connection, run_id: str) -> bool:
 
 def _has_table(conn: sqlite3.Connection, table: str) -> bool:
     """Stores written before a table existed lack it until opened for writing."""
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    return row is not None
 
 
 def delete_run(conn: sqlite3.Connection, run_id: str) -> None:
@@ -290,6 +291,9 @@ def export(conn: sqlite3.Connection, run_id: str, fmt: str, out: str | Path, tab
     tables = {"samples": sample_table, "checkpoints": checkpoint_table, "fields": field_table}
     if table not in tables:
         raise MemlensError(f"unknown table {table!r}: expected {', '.join(tables)}")
+    if table != "samples" and not tables[table](conn, run_id)[1]:
+        setting = {"checkpoints": "audit.checkpoints", "fields": "audit.fields"}[table]
+        raise MemlensError(f"run {run_id[:12]} has no {table} rows (it ran without {setting})")
     if str(out) == "-":
         if fmt != "csv":
             raise MemlensError("--out -: only CSV can be written to standard output")

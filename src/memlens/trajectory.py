@@ -4,11 +4,15 @@ more training buys little utility but more leakage.
 At each checkpoint (``audit.checkpoints``: every N optimizer steps, or at fractions of training; the last step
 always) the audited records are scored under the model as it is then, in the audit's precision, and the series
 keeps: the step and epoch, the training loss (token-weighted mean over the steps since the previous checkpoint),
-the held-out (non-member) mean NLL and perplexity, the members' mean NLL, and for every base-calibrated attack its
-AUC (Hanley-McNeil 95% interval) and TPR at 1% FPR (bootstrap 95% interval). Step 0 is the model before training:
+the held-out (non-member) mean NLL and perplexity, the members' mean NLL, and for every attack of ``audit.attacks``
+(not the reference-adapter attacks, which are scored after training only) its AUC (Hanley-McNeil 95% interval) and
+TPR at 1% FPR (bootstrap 95% interval). Step 0 is the model before training:
 a fresh LoRA adapter (B = 0) leaves the base model unchanged, so its statistics are the base model's, at no cost.
-Canaries are left out of the metrics, as in the final audit. A checkpoint costs one scoring pass over the audited
-records; it draws no random numbers, so the training (and the final adapter) is the same with or without it.
+Canaries are left out of the metrics, as in the final audit. With ``checkpoints.extraction`` each checkpoint after
+step 0 also runs greedy extraction on the records the final audit's extraction samples (n-gram share and exact
+match of members and non-members, and their difference with a Welch 95% interval). A checkpoint costs one scoring
+pass over the audited records (plus the extraction when asked); it leaves the training's random state as it found
+it, so the training (and the final adapter) is the same with or without checkpoints.
 
 **The threshold** (:func:`threshold`). With held-out NLL h_0..h_n and signal s_0..s_n (an attack's AUC) at the
 checkpoints: the threshold is the first checkpoint i < n such that no later checkpoint improves held-out NLL by
@@ -82,8 +86,10 @@ class Trajectory:
     """
 
     def __init__(self, seqs: list[list[int]], base: Any, zlib_bytes: np.ndarray, member: np.ndarray,
-                 keep: np.ndarray, cfg: Any, pad_id: int, progress: bool = False):
+                 keep: np.ndarray, cfg: Any, pad_id: int, progress: bool = False, eos_id: int | None = None):
         self.seqs, self.base, self.zl, self.pad_id, self.cfg = seqs, base, zlib_bytes, pad_id, cfg
+        self.eos_id = eos_id
+        self.extracted: dict[int, list[dict[str, Any]]] = {}  # step -> extraction summary (checkpoints.extraction)
         self.y = np.asarray(member).astype(int)
         self.keep = np.asarray(keep, dtype=bool)
         self.attacks = tuple(cfg.attacks)  # the base-calibrated attacks (the reference attacks need references)
@@ -110,7 +116,31 @@ class Trajectory:
         ft = score(scorer, self.seqs, batch_size=self.cfg.batch_size, pad_id=self.pad_id, ks=(self.cfg.min_k,),
                    min_k_pp=True, progress=f"checkpoint {step}" if self.progress else None)
         self.points.append(self._measure(step, epoch, loss, ft))
+        if self.spec.extraction:
+            self.extracted[step] = self._extract(scorer)
         return False
+
+    def _extract(self, model: Any) -> list[dict[str, Any]]:
+        """Greedy extraction on the records the final audit's extraction samples (canaries left out)."""
+        import random
+
+        from memlens.extraction import Decoding, extract, summarize
+
+        ex = self.cfg.extraction
+        rng = random.Random(ex.seed)
+        pick = []
+        for flag in (1, 0):
+            idx = [i for i in range(len(self.seqs)) if self.y[i] == flag and self.keep[i]]
+            pick += idx if ex.n is None or ex.n >= len(idx) else sorted(rng.sample(idx, ex.n))
+        import torch
+
+        device = next(model.parameters()).device
+        # generation seeds torch's generator: fork it, so that training's dropout draws go on unchanged
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            rows = extract(model, [self.seqs[i] for i in pick], [bool(self.y[i]) for i in pick], [Decoding(None)],
+                           pad_id=self.pad_id, eos_id=self.eos_id, rule=ex.prefix, fraction=ex.prefix_fraction,
+                           length=ex.prefix_length, batch_size=ex.batch_size, seed=ex.seed)
+        return [s for s in summarize(rows) if s["measure"] in ("ngram_share", "exact")]
 
     def _measure(self, step: int, epoch: float, loss: float | None, ft: Any) -> Checkpoint:
         from memlens.attacks import attack_scores
@@ -146,6 +176,11 @@ class Trajectory:
             for a, m in p.attacks.items():
                 out.append((p.step, p.epoch, "auc", a, m["auc"], m["auc_lo"], m["auc_hi"]))
                 out.append((p.step, p.epoch, f"tpr@{TPR_AT:g}", a, m["tpr"], m["tpr_lo"], m["tpr_hi"]))
+            for s in self.extracted.get(p.step, []):  # the member - non-member difference with its Welch interval
+                out.append((p.step, p.epoch, f"extraction:{s['measure']}", "members", s["members"], None, None))
+                out.append((p.step, p.epoch, f"extraction:{s['measure']}", "nonmembers", s["nonmembers"], None, None))
+                out.append((p.step, p.epoch, f"extraction:{s['measure']}", "difference", s["difference"],
+                            s["difference_lo"], s["difference_hi"]))
         return out
 
     def threshold_summary(self, attack: str) -> dict[str, Any]:

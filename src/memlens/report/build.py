@@ -279,7 +279,7 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
                 "and matrix")
     leakage = {"fields": LK.field_tables(runs), "size": LK.size_vs_leakage(runs, attack)}
     privacy = {"trajectories": trajectories, "dp": PV.dp_rows(runs, attack), "front": front,
-               "factors": PV.factors(runs, attack) if len(runs) >= 4 else []}
+               "factors": PV.factors(runs, attack)}
     models = sorted({r.summary.get("model", {}).get("source", "?") for r in runs})
     examples = []
     if include_text:

@@ -35,8 +35,8 @@ def trajectories(conn: sqlite3.Connection, runs: list[D.RunView]) -> list[dict[s
                 p[name] = value
             elif subject == attack and name in ("auc", "tpr@0.01"):
                 p[name] = (value, lo, hi)
-        out.append({"run": r.name, "label": _label(r), "attack": attack, "points": [by_step[s] for s in sorted(by_step)],
-                    "threshold": traj["threshold"]})
+        out.append({"run": r.name, "label": _label(r), "attack": attack,
+                    "points": [by_step[s] for s in sorted(by_step)], "threshold": traj["threshold"]})
     return out
 
 
@@ -65,17 +65,17 @@ def run_points(runs: list[D.RunView], attack: str) -> list[dict[str, Any]]:
         ppl = r.summary.get("perplexity", {}).get("heldout_ft")
         if auc is None or ppl is None:
             continue
-        pts.append({"run": r.name, "run_id": r.run_id, "label": _label(r), "heldout_ppl": ppl, "auc": auc["value"], "auc_lo": auc["lo"],
-                    "auc_hi": auc["hi"], "tpr": (tpr or {}).get("value"), "tpr_lo": (tpr or {}).get("lo"),
+        pts.append({"run": r.name, "run_id": r.run_id, "label": _label(r), "heldout_ppl": ppl, "auc": auc["value"],
+                    "auc_lo": auc["lo"], "auc_hi": auc["hi"], "tpr": (tpr or {}).get("value"), "tpr_lo": (tpr or {}).get("lo"),
                     "tpr_hi": (tpr or {}).get("hi"), **settings.get(r.run_id, {})})
     return pts
 
 
 def frontier(runs: list[D.RunView], attack: str, max_perplexity: float | None) -> dict[str, Any] | None:
     pts = run_points(runs, attack)
-    if len(pts) < 2:
+    if not pts:
         return None
-    mask = FR.pareto_front([p["heldout_ppl"] for p in pts], [p["auc"] for p in pts])
+    mask = FR.pareto_front([p["heldout_ppl"] for p in pts], [p["auc"] for p in pts])  # (one point: its own front)
     for p, on in zip(pts, mask):
         p["on_front"] = bool(on)
     choice = FR.least_leakage(pts, max_perplexity) if max_perplexity is not None else None
