@@ -420,19 +420,18 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
                                   plan_steps(len(prep.train_ids), cfg.train)[1], progress)
     expo = ExposureInputs.prepare(prep, cfg, progress) if prep.split.formatted else None
     one_run = OneRunInputs.prepare(prep, cfg, progress) if prep.split.one_run else None
+    keep = np.array([r.id not in prep.split.canaries for r in records], dtype=bool)  # canaries are scored apart
     trajectory = None
     if cfg.audit.checkpoints is not None:
         from memlens.trajectory import Trajectory
 
         zl = np.array([zlib_length(r.text) for r in records], dtype=np.float64)
-        keep = np.array([r.id not in prep.split.canaries for r in records], dtype=bool)
         trajectory = Trajectory(seqs, base, zl, member, keep, cfg.audit, prep.pad_id, progress,
                                 eos_id=prep.lm.tokenizer.eos_token_id)
     games = None
     if cfg.audit.fields is not None:  # the base model's part before the adapter is attached
         from memlens.fields import FieldGames, value_pool
 
-        keep = np.array([r.id not in prep.split.canaries for r in records], dtype=bool)
         pool = value_pool([r for recs in prep.corpus.splits.values() for r in recs], cfg.audit.fields.types)
         games = FieldGames.prepare(prep.lm, records, member, keep, pool, cfg.audit, cfg.train.add_bos,
                                    cfg.train.max_length, progress)
