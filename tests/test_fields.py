@@ -109,3 +109,52 @@ def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is
     assert all(v["fro"] == 0.0 for v in untrained.summary["anatomy"].values())
     assert top["members"] == top["members_base"]  # the model is the base model
     assert abs(top["members"] - top["chance"]) < 0.15 and top["chance"] == pytest.approx(0.2, abs=0.02)
+    # the report shows the run's field table (its values; an untrained adapter recovers what the base model does)
+    from memlens.report import build_report
+
+    page = build_report(untrained.store, tmp_path / "rep").read_text()
+    rec = {r["field"]: r for r in untrained.summary["fields"]["tables"]["recovered"]}["all"]
+    assert "What exactly leaks: the annotated fields" in page
+    assert f"<td>{rec['n_members']} / {rec['n_nonmembers']}</td>" in page
+    assert f"({rec['fb_lo']:.3f}, {rec['fb_hi']:.3f})" in page
+
+
+def _newcombe(x1, n1, x2, n2, z=1.959963984540054):
+    """Newcombe's (1998) method 10 from Wilson's score bounds, written out for the test."""
+    def wilson(x, n):
+        p = x / n
+        c = (p + z * z / (2 * n)) / (1 + z * z / n)
+        h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return c - h, c + h
+    (l1, u1), (l2, u2) = wilson(x1, n1), wilson(x2, n2)
+    p1, p2 = x1 / n1, x2 / n2
+    d = p1 - p2
+    return d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def test_a_side_without_variation_gets_newcombes_interval_on_its_records_not_a_zero_width_bootstrap():
+    """No field recovered on either side: the bootstrap would say (0, 0); the table gives Newcombe's interval with
+    each side's number of records (two fields a record here: 30 and 25 records, not 60 and 50 fields)."""
+    from memlens.data.records import Event, Record, Span
+
+    recs = [Record(f"r{i}", "A took drug and drug.", events=(Event("ADE", (Span("treatment.drug", "drug", 7),
+                                                                            Span("treatment.drug", "drug", 16))),))
+            for i in range(55)]
+    items = field_items(recs)
+    assert len(items) == 110
+    member = np.array([1] * 30 + [0] * 25)
+    zeros = np.zeros(len(items))
+    rec = np.array([it.record for it in items])
+    (drug, _) = field_table(items, member, {"ft": zeros, "base": zeros}, "recovered", n_boot=200)
+    assert drug["mn_by"] == "newcombe" and drug["fb_by"] == "newcombe"
+    lo, hi = _newcombe(0, 30, 0, 25)
+    assert abs(drug["mn_lo"] - lo) < 1e-9 and abs(drug["mn_hi"] - hi) < 1e-9 and hi > 0.1
+    # one side varies, the other not (members 1 in 3 recovered, non-members none): still Newcombe, on the records
+    ft = np.where((rec < 30) & (rec % 3 == 0), 1.0, 0.0)
+    (drug, _) = field_table(items, member, {"ft": ft, "base": zeros}, "recovered", n_boot=200)
+    lo, hi = _newcombe(10, 30, 0, 25)
+    assert drug["mn_by"] == "newcombe" and abs(drug["mn_lo"] - lo) < 1e-9 and abs(drug["mn_hi"] - hi) < 1e-9
+    # both sides vary: the cluster bootstrap, as before
+    ft = np.where(rec % 3 == 0, 1.0, 0.0)
+    (drug, _) = field_table(items, member, {"ft": ft, "base": ft}, "recovered", n_boot=200)
+    assert drug["mn_by"] == "bootstrap" and drug["mn_lo"] < drug["member_minus_nonmember"] < drug["mn_hi"]

@@ -105,13 +105,18 @@ def _tpr_cell(row: dict, x: float) -> str:
     return _fmt(row.get(f"tpr@{x:g}")) + interval + flag
 
 
+def _by(row: dict, key: str) -> str:
+    """A star after an interval made by Newcombe's method instead of the bootstrap (see memlens.fields)."""
+    return "*" if row.get(f"{key}_by") == "newcombe" else ""
+
+
 def _print_fields(summary: dict) -> None:
     """The field table of a run with field games: completion and the candidate game by field type."""
     f = summary.get("fields")
     if not f:
         return
     t = Table(title=f"field leakage ({f['records']} records, {f['items']} fields, {f['repeats']} repeats left out; "
-              f"differences with 95% bootstrap intervals over records)")
+              f"differences with 95% bootstrap intervals over records, * Newcombe's)")
     for col in ("field", "n mem / non", "recovered: mem", "non", "base", "mem - non", "ft - base", "top-1: mem",
                 "non", "base", "chance"):
         t.add_column(col, justify="left" if col == "field" else "right")
@@ -120,16 +125,21 @@ def _print_fields(summary: dict) -> None:
         b = top1.get(a["field"], {})
         t.add_row(a["field"], f"{a['n_members']} / {a['n_nonmembers']}", _fmt(a["members"]), _fmt(a["nonmembers"]),
                   _fmt(a["members_base"]),
-                  f"{a['member_minus_nonmember']:+.3f} ({_fmt(a['mn_lo'])}, {_fmt(a['mn_hi'])})",
-                  f"{a['ft_minus_base']:+.3f} ({_fmt(a['fb_lo'])}, {_fmt(a['fb_hi'])})", _fmt(b.get("members")),
+                  f"{a['member_minus_nonmember']:+.3f} ({_fmt(a['mn_lo'])}, {_fmt(a['mn_hi'])}){_by(a, 'mn')}",
+                  f"{a['ft_minus_base']:+.3f} ({_fmt(a['fb_lo'])}, {_fmt(a['fb_hi'])}){_by(a, 'fb')}",
+                  _fmt(b.get("members")),
                   _fmt(b.get("nonmembers")), _fmt(b.get("members_base")), _fmt(b.get("chance")))
     console.print(t)
+    if any(a.get(f"{k}_by") == "newcombe" for a in f["tables"]["recovered"] for k in ("mn", "fb")):
+        console.print("* a side without variation (no field recovered, or every one): Newcombe's interval on the "
+                      "number of records, not the bootstrap", soft_wrap=True)
     for measure, label in (("recovered", "recovered"), ("top1", "candidate top-1")):
         row = next((r for r in f["tables"][measure] if r["field"] == "all" and r.get("n_canaries")), None)
         if row:
             console.print(f"canaries (members repeated on purpose), {label}: {_fmt(row['canaries'])} on "
                           f"{row['n_canaries']} fields (base {_fmt(row['canaries_base'])}); canaries - non-members "
-                          f"{row['canary_minus_nonmember']:+.3f} ({_fmt(row['cn_lo'])}, {_fmt(row['cn_hi'])})",
+                          f"{row['canary_minus_nonmember']:+.3f} ({_fmt(row['cn_lo'])}, {_fmt(row['cn_hi'])})"
+                          f"{_by(row, 'cn')}",
                           soft_wrap=True)
 
 

@@ -22,7 +22,8 @@ annotate each field with its character offset. Two games, after Lukas et al. 202
 Rates are per field type, for members and non-members under the fine-tuned model and for both under the base
 model, on the same prompts. Differences (members - non-members under the fine-tuned model; fine-tuned - base on
 the members) carry a 95% bootstrap interval over records (a record's fields resampled together, members and
-non-members apart). The functions above the tables are pure; :func:`complete`, :func:`infer` and
+non-members apart); where a side has no variation (no field recovered, or all), Newcombe's interval on the number of
+records instead, since a bootstrap of constant values has zero width. The functions above the tables are pure; :func:`complete`, :func:`infer` and
 :class:`FieldGames` call the model.
 """
 
@@ -162,6 +163,25 @@ def _cluster_boot(values: dict[str, np.ndarray], groups: dict[str, np.ndarray], 
     return float(lo), float(hi)
 
 
+def _interval(values: dict[str, np.ndarray], groups: dict[str, np.ndarray], diff: tuple[str, str],
+              n_boot: int, seed: int) -> tuple[float, float, str]:
+    """95% interval of mean(values[a]) - mean(values[b]) and how it was made: the cluster bootstrap over records
+    (``"bootstrap"``), except where a side has no variation (every field recovered, or none): the bootstrap cannot
+    see a variance it never draws and would give a zero-width interval, so Newcombe's hybrid score interval is used,
+    with each side's rate on its number of records (``"newcombe"``; conservative: a record's fields count as one)."""
+    a, b = diff
+    va, vb = values[a], values[b]
+    if not va.size or not vb.size:
+        return float("nan"), float("nan"), "none"
+    if np.ptp(va) > 0 and np.ptp(vb) > 0:
+        return (*_cluster_boot(values, groups, diff, n_boot, seed), "bootstrap")
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    na, nb = np.unique(groups[a]).size, np.unique(groups[b]).size
+    lo, hi = confint_proportions_2indep(va.mean() * na, na, vb.mean() * nb, nb, method="newcomb", compare="diff")
+    return float(lo), float(hi), "newcombe"
+
+
 CANARY = 2  # the role of a canary (a member repeated on purpose) in ``field_table``'s member array
 
 
@@ -192,15 +212,15 @@ def field_table(items: Sequence[FieldItem], member: np.ndarray, scores: dict[str
                "members": _rate(vals["ft_m"]), "nonmembers": _rate(vals["ft_n"]), "members_base": _rate(vals["base_m"]),
                "nonmembers_base": _rate(vals["base_n"])}
         row["member_minus_nonmember"] = row["members"] - row["nonmembers"]
-        row["mn_lo"], row["mn_hi"] = _cluster_boot(vals, groups, ("ft_m", "ft_n"), n_boot, seed)
+        row["mn_lo"], row["mn_hi"], row["mn_by"] = _interval(vals, groups, ("ft_m", "ft_n"), n_boot, seed)
         row["ft_minus_base"] = row["members"] - row["members_base"]
-        row["fb_lo"], row["fb_hi"] = _cluster_boot(vals, groups, ("ft_m", "base_m"), n_boot, seed + 1)
+        row["fb_lo"], row["fb_hi"], row["fb_by"] = _interval(vals, groups, ("ft_m", "base_m"), n_boot, seed + 1)
         if can.any():
             vals.update(ft_c=scores["ft"][c], base_c=scores["base"][c])
             groups.update(ft_c=rec[c], base_c=rec[c])
             row.update(n_canaries=int(c.sum()), canaries=_rate(vals["ft_c"]), canaries_base=_rate(vals["base_c"]))
             row["canary_minus_nonmember"] = row["canaries"] - row["nonmembers"]
-            row["cn_lo"], row["cn_hi"] = _cluster_boot(vals, groups, ("ft_c", "ft_n"), n_boot, seed + 2)
+            row["cn_lo"], row["cn_hi"], row["cn_by"] = _interval(vals, groups, ("ft_c", "ft_n"), n_boot, seed + 2)
         rows.append(row)
     return rows
 
