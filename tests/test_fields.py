@@ -137,8 +137,8 @@ def test_a_side_without_variation_gets_newcombes_interval_on_its_records_not_a_z
     each side's number of records (two fields a record here: 30 and 25 records, not 60 and 50 fields)."""
     from memlens.data.records import Event, Record, Span
 
-    recs = [Record(f"r{i}", "A took drug and drug.", events=(Event("ADE", (Span("treatment.drug", "drug", 7),
-                                                                            Span("treatment.drug", "drug", 16))),))
+    recs = [Record(f"r{i}", "A took drug and pill.", events=(Event("ADE", (Span("treatment.drug", "drug", 7),
+                                                                            Span("treatment.drug", "pill", 16))),))
             for i in range(55)]
     items = field_items(recs)
     assert len(items) == 110
@@ -158,3 +158,11 @@ def test_a_side_without_variation_gets_newcombes_interval_on_its_records_not_a_z
     ft = np.where(rec % 3 == 0, 1.0, 0.0)
     (drug, _) = field_table(items, member, {"ft": ft, "base": ft}, "recovered", n_boot=200)
     assert drug["mn_by"] == "bootstrap" and drug["mn_lo"] < drug["member_minus_nonmember"] < drug["mn_hi"]
+    # ...but the paired fine-tuned - base difference of identical scores is the same (0) on every field: Newcombe
+    assert drug["fb_by"] == "newcombe" and drug["fb_lo"] < 0 < drug["fb_hi"]
+    # a side with fewer than 10 records: Newcombe, even where both vary
+    few = np.array([1] * 8 + [0] * 47)
+    (drug, _) = field_table(items, few, {"ft": ft, "base": zeros}, "recovered", n_boot=200)
+    assert drug["n_members"] == 16 and drug["mn_by"] == "newcombe"
+    lo, hi = _newcombe(ft[rec < 8].mean() * 8, 8, ft[rec >= 8].mean() * 47, 47)
+    assert abs(drug["mn_lo"] - lo) < 1e-9 and abs(drug["mn_hi"] - hi) < 1e-9

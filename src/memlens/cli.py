@@ -131,8 +131,8 @@ def _print_fields(summary: dict) -> None:
                   _fmt(b.get("nonmembers")), _fmt(b.get("members_base")), _fmt(b.get("chance")))
     console.print(t)
     if any(a.get(f"{k}_by") == "newcombe" for a in f["tables"]["recovered"] for k in ("mn", "fb")):
-        console.print("* a side without variation (no field recovered, or every one): Newcombe's interval on the "
-                      "number of records, not the bootstrap", soft_wrap=True)
+        console.print("* a side without variation (no field recovered, or every one), models that agree on every "
+                      "field, or under 10 records: Newcombe's interval on the number of records, not the bootstrap", soft_wrap=True)
     for measure, label in (("recovered", "recovered"), ("top1", "candidate top-1")):
         row = next((r for r in f["tables"][measure] if r["field"] == "all" and r.get("n_canaries")), None)
         if row:

@@ -22,8 +22,9 @@ annotate each field with its character offset. Two games, after Lukas et al. 202
 Rates are per field type, for members and non-members under the fine-tuned model and for both under the base
 model, on the same prompts. Differences (members - non-members under the fine-tuned model; fine-tuned - base on
 the members) carry a 95% bootstrap interval over records (a record's fields resampled together, members and
-non-members apart); where a side has no variation (no field recovered, or all), Newcombe's interval on the number of
-records instead, since a bootstrap of constant values has zero width. The functions above the tables are pure; :func:`complete`, :func:`infer` and
+non-members apart); where a side has no variation (no field recovered, or all), the two models agree on every field,
+or a side has fewer than 10 records, Newcombe's interval on the number of records instead (a bootstrap of constant
+values has zero width, and one of a handful of records is too narrow). The functions above the tables are pure; :func:`complete`, :func:`infer` and
 :class:`FieldGames` call the model.
 """
 
@@ -163,17 +164,26 @@ def _cluster_boot(values: dict[str, np.ndarray], groups: dict[str, np.ndarray], 
     return float(lo), float(hi)
 
 
+MIN_BOOT_RECORDS = 10  # fewer records on a side: Newcombe's interval, not the bootstrap
+
+
 def _interval(values: dict[str, np.ndarray], groups: dict[str, np.ndarray], diff: tuple[str, str],
               n_boot: int, seed: int) -> tuple[float, float, str]:
     """95% interval of mean(values[a]) - mean(values[b]) and how it was made: the cluster bootstrap over records
-    (``"bootstrap"``), except where a side has no variation (every field recovered, or none): the bootstrap cannot
-    see a variance it never draws and would give a zero-width interval, so Newcombe's hybrid score interval is used,
-    with each side's rate on its number of records (``"newcombe"``; conservative: a record's fields count as one)."""
+    (``"bootstrap"``), except where it cannot see the variance: a side without variation (every field recovered, or
+    none), a paired difference that is the same on every field (the two models agree everywhere), or fewer than
+    :data:`MIN_BOOT_RECORDS` records on a side. A bootstrap of constant values has zero width, and a percentile
+    bootstrap of a handful of records is too narrow, so there Newcombe's hybrid score interval is used, with each
+    side's rate on its number of records (``"newcombe"``; conservative: a record's fields count as one record, and a
+    paired difference is treated as unpaired)."""
     a, b = diff
     va, vb = values[a], values[b]
     if not va.size or not vb.size:
         return float("nan"), float("nan"), "none"
-    if np.ptp(va) > 0 and np.ptp(vb) > 0:
+    paired = np.array_equal(groups[a], groups[b])
+    varies = np.ptp(va) > 0 and np.ptp(vb) > 0 and (not paired or np.ptp(va - vb) > 0)
+    enough = min(np.unique(groups[a]).size, np.unique(groups[b]).size) >= MIN_BOOT_RECORDS
+    if varies and enough:
         return (*_cluster_boot(values, groups, diff, n_boot, seed), "bootstrap")
     from statsmodels.stats.proportion import confint_proportions_2indep
 
