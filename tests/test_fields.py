@@ -77,7 +77,7 @@ def _run(tmp_path, *extra):
     return run_config(load_config(None, [*BASE, f"output_dir={tmp_path}", *extra]), progress=False)
 
 
-def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is_at_chance(tmp_path):
+def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is_at_chance(tmp_path, monkeypatch):
     """Full fine-tuning that memorizes 12 members: their fields come back (completion) and win the candidate game;
     the non-members' recovery stays near the base model's. With an adapter that never moved (one step at warm-up
     lr 0), the candidate game is at chance."""
@@ -109,6 +109,18 @@ def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is
     assert all(v["fro"] == 0.0 for v in untrained.summary["anatomy"].values())
     assert top["members"] == top["members_base"]  # the model is the base model
     assert abs(top["members"] - top["chance"]) < 0.15 and top["chance"] == pytest.approx(0.2, abs=0.02)
+    # memlens run prints it: both games' n, the rates, the intervals (no rich wrapping at this width)
+    from rich.console import Console
+
+    from memlens import cli
+
+    printed = Console(width=300, record=True)
+    monkeypatch.setattr(cli, "console", printed)
+    cli._print_fields(untrained.summary)
+    rec = {r["field"]: r for r in untrained.summary["fields"]["tables"]["recovered"]}["all"]
+    text = printed.export_text()
+    assert f"{rec['n_members']} / {rec['n_nonmembers']}" in text and f"{top['n_members']} / {top['n_nonmembers']}" in text
+    assert f"({rec['fb_lo']:.3f}, {rec['fb_hi']:.3f})" in text and f"{top['chance']:.3f}" in text
     # the report shows the run's field table (its values; an untrained adapter recovers what the base model does)
     from memlens.report import build_report
 
@@ -116,6 +128,7 @@ def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is
     rec = {r["field"]: r for r in untrained.summary["fields"]["tables"]["recovered"]}["all"]
     assert "What exactly leaks: the annotated fields" in page
     assert f"<td>{rec['n_members']} / {rec['n_nonmembers']}</td>" in page
+    assert f"<td>{top['n_members']} / {top['n_nonmembers']}</td><td>{top['members']:.3f}</td>" in page
     assert f"({rec['fb_lo']:.3f}, {rec['fb_hi']:.3f})" in page
 
 

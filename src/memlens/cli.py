@@ -117,8 +117,8 @@ def _print_fields(summary: dict) -> None:
         return
     t = Table(title=f"field leakage ({f['records']} records, {f['items']} fields, {f['repeats']} repeats left out; "
               f"differences with 95% bootstrap intervals over records, * Newcombe's)")
-    for col in ("field", "n mem / non", "recovered: mem", "non", "base", "mem - non", "ft - base", "top-1: mem",
-                "non", "base", "chance"):
+    for col in ("field", "n mem / non", "recovered: mem", "non", "base", "mem - non", "ft - base", "top-1 n",
+                "top-1: mem", "non", "base", "chance"):
         t.add_column(col, justify="left" if col == "field" else "right")
     top1 = {r["field"]: r for r in f["tables"]["top1"]}
     for a in f["tables"]["recovered"]:
@@ -127,7 +127,7 @@ def _print_fields(summary: dict) -> None:
                   _fmt(a["members_base"]),
                   f"{a['member_minus_nonmember']:+.3f} ({_fmt(a['mn_lo'])}, {_fmt(a['mn_hi'])}){_by(a, 'mn')}",
                   f"{a['ft_minus_base']:+.3f} ({_fmt(a['fb_lo'])}, {_fmt(a['fb_hi'])}){_by(a, 'fb')}",
-                  _fmt(b.get("members")),
+                  f"{b['n_members']} / {b['n_nonmembers']}" if b else "-", _fmt(b.get("members")),
                   _fmt(b.get("nonmembers")), _fmt(b.get("members_base")), _fmt(b.get("chance")))
     console.print(t)
     if any(a.get(f"{k}_by") == "newcombe" for a in f["tables"]["recovered"] for k in ("mn", "fb")):
