@@ -51,3 +51,27 @@ def test_anatomy_equals_a_direct_computation_from_the_adapters_safetensors(tmp_p
     assert set(by) == {"q", "v"}
     q = [r for r in rows if r["matrix"] == "q"]
     assert by["q"]["fro"] == pytest.approx(np.sqrt(sum(r["fro"] ** 2 for r in q)))
+
+
+def test_the_reports_anatomy_grid_puts_each_run_and_matrix_in_its_own_column():
+    """Across runs: a column per run (and per matrix where a run adapts several), each cell the run's own metric for
+    that layer and matrix; runs of another model (other layers) are left out."""
+    import numpy as np
+
+    from memlens.report import figures as F
+    from memlens.report import leakage as LK
+    from memlens.report.data import RunView
+
+    def run(name, targets, layers, value, repeats=1):
+        metrics = [{"name": "anatomy:relative", "subject": f"{t}.{i}", "value": value(t, i),
+                    "details": {"layer": i, "matrix": t}} for i in layers for t in targets]
+        cfg = {"lora": {"targets": targets, "rank": 1}, "data": {"canary": {"repeats": repeats}}}
+        return RunView(name, name, "s", cfg, {"anatomy": {t: {"fro": 1.0} for t in targets}}, metrics)
+
+    runs = [run("a", ["q"], range(3), lambda t, i: 0.1 * i), run("b", ["q", "v"], range(3), lambda t, i: i + (t == "v")),
+            run("c", ["v"], range(3), lambda t, i: 7.0, repeats=8), run("other", ["q"], range(5), lambda t, i: 9.0)]
+    layers, labels, grid = LK.anatomy_columns(runs)
+    assert layers == [0, 1, 2] and labels == ["Q r1", "Q+V r1: Q", "Q+V r1: V", "V r1 x8"]
+    assert np.allclose(grid, [[0.0, 0, 1, 7], [0.1, 1, 2, 7], [0.2, 2, 3, 7]])
+    assert F.anatomy_heatmap("x", layers, labels, grid, "relative") is not None
+    assert LK.anatomy_columns([RunView("n", "n", "s", {}, {}, [])]) is None

@@ -268,15 +268,15 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
         dpairs = paired_rows(conn, runs, "ref_lora", n_boot)
         domain = {"pairs": dpairs, "verdict": verdict_text(dpairs), "table": table_rows(
             [r for r in runs if r.metric("auc", "ref_lora")], "ref_lora")}
-    add(F.field_rates(LK.field_series(runs), "recovered"), "field_rates",
-        "Field leakage: the members' exact recovery by field type per configuration (bars), non-members (o) and "
-        "the base model on the members (x); intervals in the field tables below")
-    for r in [r for r in runs if r.summary.get("anatomy")][:6]:
-        g = LK.anatomy_grid(r, "relative")
-        if g is not None:
-            add(F.anatomy_heatmap(f"{r.targets} r{r.rank}", *g, "relative"), f"anatomy_{r.run_id[:8]}",
-                f"Adapter anatomy, run {r.name}: the update's Frobenius norm against the frozen weight's, per layer "
-                "and matrix")
+    chance = next((r.summary["fields"]["chance_top1"] for r in runs if r.summary.get("fields")), None)
+    add(F.field_rates(LK.field_series(runs, "recovered"), LK.field_series(runs, "top1"), chance), "field_rates",
+        "Field leakage: the members' exact recovery and candidate-game top-1 by field type per configuration (bars), "
+        "non-members (o) and the base model on the members (x); intervals in the field tables below")
+    g = LK.anatomy_columns(runs, "relative")
+    if g is not None:
+        add(F.anatomy_heatmap("the update's size against the frozen weight", *g, "relative"), "anatomy",
+            "Adapter anatomy: ||s B A||_F / ||W||_F per layer, a column per run and adapted matrix (at most "
+            f"{LK.MAX_ANATOMY_COLUMNS})")
     leakage = {"fields": LK.field_tables(runs), "size": LK.size_vs_leakage(runs, attack)}
     privacy = {"trajectories": trajectories, "dp": PV.dp_rows(runs, attack), "front": front,
                "factors": PV.factors(runs, attack)}

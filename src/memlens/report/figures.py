@@ -197,41 +197,48 @@ def trajectory(label: str, points: list[dict[str, Any]], attack: str, threshold_
     return fig
 
 
-def field_rates(series: dict[str, dict[str, tuple]], measure: str):
-    """Per field type, one bar per configuration: the members' rate under the fine-tuned model, with the
-    non-members' (o) and the base model's on the members (x) marked on it."""
-    if not series:
+def field_rates(recovered: dict[str, dict[str, tuple]], top1: dict[str, dict[str, tuple]], chance: float | None):
+    """Two panels, exact recovery and the candidate game's top-1: per field type (its members' n under the name,
+    "all" last), one bar per configuration for the members under the fine-tuned model, with the non-members' rate
+    (o) and the base model's on the members (x) marked on it; chance as a line on the top-1 panel."""
+    if not recovered and not top1:
         return None
-    fields = [f for f in dict.fromkeys(f for s in series.values() for f in s)]
+    first = next(iter((recovered or top1).values()))
+    fields = list(first)
     if not fields:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(fields) * max(1, len(series)) / 2), 4.2))
-    width = 0.8 / len(series)
+    n_conf = max(len(recovered), len(top1), 1)
+    fig, axes = plt.subplots(2, 1, figsize=(min(14.0, max(6.0, 0.25 * len(fields) * n_conf + 2)), 6.4), sharex=True)
     x = np.arange(len(fields))
-    for k, (label, rates) in enumerate(series.items()):
-        pos = x - 0.4 + width * (k + 0.5)
-        mem = [rates.get(f, (np.nan,) * 3)[0] for f in fields]
-        non = [rates.get(f, (np.nan,) * 3)[1] for f in fields]
-        base = [rates.get(f, (np.nan,) * 3)[2] for f in fields]
-        ax.bar(pos, mem, width, label=f"{label}: members")
-        ax.scatter(pos, non, marker="o", color="k", s=14, zorder=3, label="non-members" if k == 0 else None)
-        ax.scatter(pos, base, marker="x", color="r", s=14, zorder=3, label="base model, members" if k == 0 else None)
-    ax.set_xticks(x, fields, rotation=30)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("recovered (exact)" if measure == "recovered" else "candidate game top-1")
-    ax.set_title("Field leakage by field type and configuration")
-    ax.legend(fontsize=6)
+    width = 0.8 / n_conf
+    for ax, series, ylabel in ((axes[0], recovered, "recovered (exact)"), (axes[1], top1, "candidate game top-1")):
+        for k, (label, rates) in enumerate(series.items()):
+            pos = x - 0.4 + width * (k + 0.5)
+            get = [rates.get(f, (np.nan,) * 4) for f in fields]
+            ax.bar(pos, [g[0] for g in get], width, label=f"{label}: members")
+            ax.scatter(pos, [g[1] for g in get], marker="o", color="k", s=10, zorder=3,
+                       label="non-members" if k == 0 else None)
+            ax.scatter(pos, [g[2] for g in get], marker="x", color="r", s=10, zorder=3,
+                       label="base model, members" if k == 0 else None)
+        if ax is axes[1] and chance is not None:
+            ax.axhline(chance, color="grey", lw=0.8, ls="--", label="chance")
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel(ylabel)
+    axes[1].set_xticks(x, [f"{f}\n({first[f][3]})" for f in fields], fontsize=7)
+    axes[0].set_title("Field leakage by field type and configuration (members' n of the first configuration)",
+                      fontsize=9)
+    axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
 
 
 def anatomy_heatmap(label: str, layers: list[int], matrices: list[str], grid: np.ndarray, stat: str):
-    """Layers x adapted matrices: the size of the adapter's update in each module."""
+    """Layers x columns (adapted matrices, or runs): the size of the adapter's update in each module."""
     if grid.size == 0:
         return None
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(matrices), 1.2 + 0.22 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(matrices)), [m.upper() for m in matrices])
+    ax.set_xticks(range(len(matrices)), matrices, fontsize=7, rotation=30 if len(matrices) > 4 else 0)
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label={"fro": "||s B A||_F", "relative": "||s B A||_F / ||W||_F"}.get(stat, stat))

@@ -32,12 +32,14 @@ def field_tables(runs: list[D.RunView]) -> list[dict[str, Any]]:
 
 
 def field_series(runs: list[D.RunView], measure: str = "recovered") -> dict[str, dict[str, tuple]]:
-    """{configuration label: {field type: (members, non-members, base members)}} for the study figure."""
+    """{configuration label: {field type: (members, non-members, base members, n members)}} for the study figure
+    (``measure``: ``recovered`` or ``top1``)."""
     out: dict[str, dict[str, tuple]] = {}
     for t in field_tables(runs):
         key = "recovered" if measure == "recovered" else "top1"
-        out[t["label"]] = {row["field"]: (row[key]["members"], row[key]["nonmembers"], row[key]["members_base"])
-                           for row in t["rows"] if row[key] is not None and row["field"] != "all"}
+        out[t["label"]] = {row["field"]: (row[key]["members"], row[key]["nonmembers"], row[key]["members_base"],
+                                          row[key]["n_members"])
+                           for row in t["rows"] if row[key] is not None}
     return out
 
 
@@ -55,9 +57,32 @@ def anatomy_grid(run: D.RunView, stat: str = "fro") -> tuple[list[int], list[str
     return layers, matrices, grid
 
 
+MAX_ANATOMY_COLUMNS = 16
+
+
+def anatomy_columns(runs: list[D.RunView], stat: str = "relative") -> tuple[list[int], list[str], np.ndarray] | None:
+    """One layers x columns grid across runs: a column per run and adapted matrix (the run's label, and the matrix
+    where the run adapts several), for the runs whose layers are the first such run's (one model), at most
+    :data:`MAX_ANATOMY_COLUMNS` columns."""
+    layers, labels, cols = None, [], []
+    for r in runs:
+        g = anatomy_grid(r, stat)
+        if g is None or (layers is not None and g[0] != layers):
+            continue
+        layers = g[0]
+        label = f"{r.targets} r{r.rank}" + (f" x{r.repeats}" if r.repeats > 1 else "")
+        for j, m in enumerate(g[1]):
+            labels.append(label if len(g[1]) == 1 else f"{label}: {m.upper()}")
+            cols.append(g[2][:, j])
+    if not cols:
+        return None
+    return layers, labels[:MAX_ANATOMY_COLUMNS], np.column_stack(cols[:MAX_ANATOMY_COLUMNS])
+
+
 def size_vs_leakage(runs: list[D.RunView], attack: str) -> dict[str, Any]:
     """Across runs: the adapter's total update size (Frobenius norm over every adapted module) against the
-    attack's AUC and the members' field recovery; Spearman correlations with Fisher-z 95% intervals only from
+    attack's AUC, the members' field recovery and their candidate-game gain over the base model (top-1, fine-tuned
+    - base); Spearman correlations with Fisher-z 95% intervals only from
     :data:`MIN_RUNS_FOR_CORRELATION` runs on (else the points alone)."""
     pts = []
     for r in runs:
@@ -66,13 +91,14 @@ def size_vs_leakage(runs: list[D.RunView], attack: str) -> dict[str, Any]:
             continue
         size = float(np.sqrt(sum(v["fro"] ** 2 for v in an.values())))
         f = r.summary.get("fields")
-        rec = None
+        rec = gain = None
         if f:
             rec = next((row["members"] for row in f["tables"]["recovered"] if row["field"] == "all"), None)
+            gain = next((row["ft_minus_base"] for row in f["tables"]["top1"] if row["field"] == "all"), None)
         pts.append({"run": r.name, "label": f"{r.targets} r{r.rank}", "size": size, "auc": r.auc(attack),
-                    "recovery": rec})
+                    "recovery": rec, "top1_gain": gain})
     out: dict[str, Any] = {"points": pts, "correlations": [], "min_runs": MIN_RUNS_FOR_CORRELATION}
-    for what in ("auc", "recovery"):
+    for what in ("auc", "recovery", "top1_gain"):
         xy = [(p["size"], p[what]) for p in pts if p[what] is not None and p[what] == p[what]]
         if len(xy) >= MIN_RUNS_FOR_CORRELATION:
             c = M.correlation([x for x, _ in xy], [y for _, y in xy], "spearman")
