@@ -103,12 +103,19 @@ def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is
     # anatomy: a full fine-tune has no adapter; the untrained LoRA run below has one (B = 0: every norm 0)
     assert "anatomy" not in res.summary
     untrained = _run(tmp_path / "un", "data.members.n=30", "data.nonmembers.n=30", "train.max_steps=1",
-                     "audit.fields.n=30", "audit.fields.candidates=4")
+                     "audit.fields.n=30", "audit.fields.candidates=4", "audit.fields.temperature=0.0001",
+                     "audit.fields.samples=2")
     top = {r["field"]: r for r in untrained.summary["fields"]["tables"]["top1"]}["all"]
     assert untrained.summary["adapter_changed"] is False
     assert all(v["fro"] == 0.0 for v in untrained.summary["anatomy"].values())
     assert top["members"] == top["members_base"]  # the model is the base model
     assert abs(top["members"] - top["chance"]) < 0.15 and top["chance"] == pytest.approx(0.2, abs=0.02)
+    # sampling at a temperature near 0 is greedy decoding: the sampled table equals the greedy one
+    tables = untrained.summary["fields"]["tables"]
+    assert untrained.summary["fields"]["sampling"] == {"temperature": 0.0001, "top_p": 0.9, "samples": 2}
+    for greedy, sampled in zip(tables["recovered"], tables["sampled"]):
+        assert (sampled["members"], sampled["nonmembers"], sampled["members_base"]) == \
+            (greedy["members"], greedy["nonmembers"], greedy["members_base"])
     # memlens run prints it: both games' n, the rates, the intervals (no rich wrapping at this width)
     from rich.console import Console
 
@@ -179,3 +186,35 @@ def test_a_side_without_variation_gets_newcombes_interval_on_its_records_not_a_z
     assert drug["n_members"] == 16 and drug["mn_by"] == "newcombe"
     lo, hi = _newcombe(ft[rec < 8].mean() * 8, 8, ft[rec >= 8].mean() * 47, 47)
     assert abs(drug["mn_lo"] - lo) < 1e-9 and abs(drug["mn_hi"] - hi) < 1e-9
+
+
+def test_sampled_completion_counts_a_field_recovered_when_any_sample_recovers_it(monkeypatch):
+    """Three continuations a field: recovered when any starts with the field, F1 the best of the three."""
+    from memlens import extraction
+    from memlens.data.records import Event, Record, Span
+    from memlens.fields import complete
+
+    recs = [Record("r0", "A took aspirin daily.", events=(Event("ADE", (Span("treatment.drug", "aspirin", 7),)),)),
+            Record("r1", "B took ibuprofen daily.", events=(Event("ADE", (Span("treatment.drug", "ibuprofen", 7),)),))]
+    items = field_items(recs)
+    words = {1: " nothing", 2: " aspirin daily", 3: " ibu", 4: " ibuprofen"}
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [9] * len(text.split())}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(words[i] for i in ids)
+
+    def fake_generate(model, prompts, max_new, decoding, **kw):
+        assert decoding.samples == 3 and decoding.temperature == 0.7
+        return [[extraction.Continuation([1], [0.0]), extraction.Continuation([2], [0.0]),
+                 extraction.Continuation([1], [0.0])],
+                [extraction.Continuation([1], [0.0]), extraction.Continuation([3], [0.0]),
+                 extraction.Continuation([1], [0.0])]]
+
+    monkeypatch.setattr(extraction, "generate", fake_generate)
+    rec, f1 = complete(None, Tok(), recs, items, add_bos=False, bos_id=None, pad_id=0, eos_id=None, margin=2,
+                       batch_size=4, decoding=extraction.Decoding(0.7, 0.9, 3))
+    assert rec.tolist() == [1.0, 0.0]  # "aspirin" came back in one of three; "ibuprofen" in none
+    assert f1[0] == 1.0 and f1[1] == 0.0  # " ibu" shares no whole word with "ibuprofen"

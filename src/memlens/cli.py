@@ -133,6 +133,15 @@ def _print_fields(summary: dict) -> None:
     if any(a.get(f"{k}_by") == "newcombe" for a in f["tables"]["recovered"] for k in ("mn", "fb")):
         console.print("* a side without variation (no field recovered, or every one), models that agree on every "
                       "field, or under 10 records: Newcombe's interval on the number of records, not the bootstrap", soft_wrap=True)
+    if f.get("sampling"):
+        a = next(r for r in f["tables"]["sampled"] if r["field"] == "all")
+        sp = f["sampling"]
+        console.print(f"sampled completion (T={sp['temperature']:g}, top-p {sp['top_p']:g}, {sp['samples']} samples a "
+                      f"field; recovered when any is): members {_fmt(a['members'])}, non-members "
+                      f"{_fmt(a['nonmembers'])}, base {_fmt(a['members_base'])}; members - non-members "
+                      f"{a['member_minus_nonmember']:+.3f} ({_fmt(a['mn_lo'])}, {_fmt(a['mn_hi'])}){_by(a, 'mn')}, "
+                      f"fine-tuned - base {a['ft_minus_base']:+.3f} ({_fmt(a['fb_lo'])}, {_fmt(a['fb_hi'])})"
+                      f"{_by(a, 'fb')}", soft_wrap=True)
     for measure, label in (("recovered", "recovered"), ("top1", "candidate top-1")):
         row = next((r for r in f["tables"][measure] if r["field"] == "all" and r.get("n_canaries")), None)
         if row:

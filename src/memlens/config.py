@@ -294,7 +294,12 @@ class FieldsConfig(_Strict):
     candidates: int = Field(10, ge=1, description="other values of the same type in the candidate game")
     batch_size: int = Field(32, ge=1, description="prompts generated together")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples (over records) of the differences")
-    seed: int = Field(0, description="seed of the record sample and of the candidate draw")
+    seed: int = Field(0, description="seed of the record sample, the candidate draw and the sampling")
+    temperature: float | None = Field(None, gt=0, description="also sample: nucleus sampling at this temperature, "
+                                      "`samples` continuations a field; recovered (sampled) when any of them starts "
+                                      "with the field; None = greedy only")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus mass when sampling")
+    samples: int = Field(10, ge=1, description="sampled continuations a field (with temperature)")
 
     @field_validator("types")
     @classmethod
@@ -428,6 +433,9 @@ class RunConfig(_Strict):
                              ("exposure", ExposureConfig().model_dump(mode="json"))):
             if d["audit"].get(key) == default:
                 d["audit"].pop(key, None)
+        if d["audit"].get("fields") and d["audit"]["fields"].get("temperature") is None:
+            for key in ("temperature", "top_p", "samples"):
+                d["audit"]["fields"].pop(key, None)
         for key in ("formatted", "one_run"):
             if d["data"]["canary"].get(key) is None:
                 d["data"]["canary"].pop(key, None)

@@ -12,6 +12,8 @@ annotate each field with its character offset. Two games, after Lukas et al. 202
   text; the partial score is the token F1 of the field's words against the continuation's first as many words.
   A field whose value already appears in its prompt is marked a *repeat* (copying it is not a leak) and counted
   apart; a field that opens its text (nothing before it tells one record from another) is not played.
+  With ``temperature`` set, completion is also played with nucleus sampling, ``samples`` continuations a field: the
+  field counts as recovered (``sampled``) when any of them starts with it, and ``sampled_f1`` is the best F1.
 * **Inference** (the candidate game). The field's true value and ``candidates`` other values of the same field
   type, drawn from the corpus's other records (distinct after normalisation): each candidate is put in the
   field's place and the whole sentence scored; the true value's rank among them (a tie counts half a place) gives
@@ -240,8 +242,10 @@ def field_table(items: Sequence[FieldItem], member: np.ndarray, scores: dict[str
 
 def complete(model: Any, tokenizer: Any, records: Sequence[Any], items: Sequence[FieldItem], *, add_bos: bool,
              bos_id: int | None, pad_id: int, eos_id: int | None, margin: int, batch_size: int,
-             progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy completion of every item: (recovered 0/1, token F1) per item."""
+             decoding: Any = None, seed: int = 0, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Completion of every item, greedy or as ``decoding`` (an :class:`memlens.extraction.Decoding`) says:
+    (recovered 0/1, token F1) per item; with several sampled continuations, recovered when any of them is, and the
+    best F1."""
     from memlens.extraction import Decoding, generate
 
     prompts, max_new = [], []
@@ -253,12 +257,13 @@ def complete(model: Any, tokenizer: Any, records: Sequence[Any], items: Sequence
         max_new.append(len(want) + margin)
     # a field that opens its text has nothing before it to tell one record from another: not played (nan)
     play = [i for i, it in enumerate(items) if records[it.record].text[: it.start].strip()]
-    conts = generate(model, [prompts[i] for i in play], [max_new[i] for i in play], Decoding(None), pad_id=pad_id,
-                     eos_id=eos_id, batch_size=batch_size, progress=progress)
+    conts = generate(model, [prompts[i] for i in play], [max_new[i] for i in play], decoding or Decoding(None),
+                     pad_id=pad_id, eos_id=eos_id, batch_size=batch_size, seed=seed, progress=progress)
     rec, f1 = np.full(len(items), np.nan), np.full(len(items), np.nan)
-    for i, c in zip(play, conts):
-        text = tokenizer.decode(c[0].tokens, skip_special_tokens=True)
-        rec[i], f1[i] = float(recovered(text, items[i].value)), token_f1(text, items[i].value)
+    for i, cs in zip(play, conts):
+        texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in cs]
+        rec[i] = float(any(recovered(t, items[i].value) for t in texts))
+        f1[i] = max(token_f1(t, items[i].value) for t in texts)
     return rec, f1
 
 
@@ -279,6 +284,13 @@ def infer(model: Any, lm: Any, records: Sequence[Any], items: Sequence[FieldItem
         k += len(cs)
         top1[i], rr[i] = min(1.0, max(0.0, 2.0 - rank)), 1.0 / rank
     return top1, rr
+
+
+def measures(spec: Any) -> tuple[str, ...]:
+    """The games' measures: greedy completion (recovered, f1), the candidate game (top1, rr) and, with a
+    temperature, sampled completion (sampled: any of the samples recovers the field; sampled_f1: the best F1)."""
+    base = ("recovered", "f1", "top1", "rr")
+    return base + ("sampled", "sampled_f1") if spec.temperature is not None else base
 
 
 @dataclass
@@ -323,14 +335,23 @@ class FieldGames:
               progress: bool) -> dict[str, np.ndarray]:
         spec = cfg.fields
         if not self.items:
-            return {k: np.zeros(0) for k in ("recovered", "f1", "top1", "rr")}
-        rec, f1 = complete(model, lm.tokenizer, self.records, self.items, add_bos=add_bos, bos_id=lm.bos_id,
-                           pad_id=lm.pad_id, eos_id=lm.tokenizer.eos_token_id, margin=spec.margin,
-                           batch_size=spec.batch_size, progress=f"fields: complete ({which})" if progress else None)
+            return {k: np.zeros(0) for k in measures(spec)}
+        kw = dict(add_bos=add_bos, bos_id=lm.bos_id, pad_id=lm.pad_id, eos_id=lm.tokenizer.eos_token_id,
+                  margin=spec.margin, batch_size=spec.batch_size)
+        rec, f1 = complete(model, lm.tokenizer, self.records, self.items, **kw,
+                           progress=f"fields: complete ({which})" if progress else None)
         top1, rr = infer(model, lm, self.records, self.items, self.cands, add_bos=add_bos, max_length=max_length,
                          batch_size=cfg.batch_size, pad_id=lm.pad_id,
                          progress=f"fields: candidates ({which})" if progress else None)
-        return {"recovered": rec, "f1": f1, "top1": top1, "rr": rr}
+        out = {"recovered": rec, "f1": f1, "top1": top1, "rr": rr}
+        if spec.temperature is not None:
+            from memlens.extraction import Decoding
+
+            out["sampled"], out["sampled_f1"] = complete(
+                model, lm.tokenizer, self.records, self.items, **kw, seed=spec.seed,
+                decoding=Decoding(spec.temperature, spec.top_p, spec.samples),
+                progress=f"fields: sample ({which})" if progress else None)
+        return out
 
     def measure(self, model_ft: Any, lm: Any, cfg: Any, add_bos: bool, max_length: int | None,
                 progress: bool) -> tuple[list[tuple], dict[str, Any]]:
@@ -342,7 +363,7 @@ class FieldGames:
         ft = self._play(model, lm, cfg, add_bos, max_length, "fine-tuned", progress)
         spec = cfg.fields
         rows, tables = [], {}
-        for measure in ("recovered", "f1", "top1", "rr"):
+        for measure in measures(spec):
             table = field_table(self.items, self.member, {"ft": ft[measure], "base": self.base[measure]}, measure,
                                 n_boot=spec.bootstrap, seed=spec.seed)
             tables[measure] = table
@@ -355,4 +376,6 @@ class FieldGames:
         summary = {"records": len(self.records), "items": len(self.items),
                    "repeats": int(sum(it.repeat for it in self.items)), "candidates": spec.candidates,
                    "chance_top1": 1.0 / (spec.candidates + 1), "tables": tables}
+        if spec.temperature is not None:
+            summary["sampling"] = {"temperature": spec.temperature, "top_p": spec.top_p, "samples": spec.samples}
         return rows, summary

@@ -25,9 +25,10 @@ def field_tables(runs: list[D.RunView]) -> list[dict[str, Any]]:
         top1 = {row["field"]: row for row in f["tables"]["top1"]}
         rows = [{"field": row["field"], "recovered": row, "top1": top1.get(row["field"])}
                 for row in f["tables"]["recovered"]]
+        sampled = next((row for row in f["tables"].get("sampled", []) if row["field"] == "all"), None)
         out.append({"run": r.name, "label": f"{r.targets} r{r.rank}" + (f" x{r.repeats}" if r.repeats > 1 else ""),
                     "rows": rows, "items": f["items"], "records": f["records"], "repeats": f["repeats"],
-                    "candidates": f["candidates"]})
+                    "candidates": f["candidates"], "sampling": f.get("sampling"), "sampled": sampled})
     return out
 
 
