@@ -71,6 +71,17 @@ def test_field_table_rates_and_paired_intervals():
     assert (drug["members"], drug["nonmembers"], drug["members_base"]) == (1.0, 0.5, 0.5)
     assert drug["member_minus_nonmember"] == 0.5 and drug["mn_lo"] < 0.5 < drug["mn_hi"] and drug["mn_lo"] > 0.2
     assert drug["ft_minus_base"] == 0.5 and drug["fb_lo"] > 0.2
+    # gain - gain: members gain 0.5 over the base, non-members 0 (the same on every record: no variation, so
+    # Newcombe on the gains mapped onto [0, 1], (g + 1) / 2, the interval doubled)
+    assert drug["gain_minus_gain"] == 0.5 and drug["gg_by"] == "newcombe"
+    lo, hi = _newcombe(0.75 * 20, 20, 0.5 * 20, 20)
+    assert drug["gg_lo"] == pytest.approx(2 * lo) and drug["gg_hi"] == pytest.approx(2 * hi)
+    # both sides' gains vary: the cluster bootstrap
+    ft2 = ft.copy()
+    ft2[30:] = 0.0  # non-members: base 1 on the last 10 and now ft 0 there: their gains 0 and -1, -0.5 on average
+    (d2, _) = field_table(items, member, {"ft": ft2, "base": base}, "recovered", n_boot=500)
+    assert d2["gain_minus_gain"] == pytest.approx(0.5 - (-0.5)) and d2["gg_by"] == "bootstrap"
+    assert d2["gg_lo"] > 0.5 and d2["gg_hi"] <= 1.5
 
 
 def _run(tmp_path, *extra):
@@ -128,6 +139,7 @@ def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is
     text = printed.export_text()
     assert f"{rec['n_members']} / {rec['n_nonmembers']}" in text and f"{top['n_members']} / {top['n_nonmembers']}" in text
     assert f"({rec['fb_lo']:.3f}, {rec['fb_hi']:.3f})" in text and f"{top['chance']:.3f}" in text
+    assert f"{top['gain_minus_gain']:+.3f} ({top['gg_lo']:.3f}, {top['gg_hi']:.3f})" in text
     # the report shows the run's field table (its values; an untrained adapter recovers what the base model does)
     from memlens.report import build_report
 
@@ -137,6 +149,7 @@ def test_memorized_fields_are_recovered_and_inferred_and_an_untrained_adapter_is
     assert f"<td>{rec['n_members']} / {rec['n_nonmembers']}</td>" in page
     assert f"<td>{top['n_members']} / {top['n_nonmembers']}</td><td>{top['members']:.3f}</td>" in page
     assert f"({rec['fb_lo']:.3f}, {rec['fb_hi']:.3f})" in page
+    assert f"{top['gain_minus_gain']:+.3f} ({top['gg_lo']:.3f}, {top['gg_hi']:.3f})" in page
 
 
 def _newcombe(x1, n1, x2, n2, z=1.959963984540054):

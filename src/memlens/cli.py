@@ -118,7 +118,7 @@ def _print_fields(summary: dict) -> None:
     t = Table(title=f"field leakage ({f['records']} records, {f['items']} fields, {f['repeats']} repeats left out; "
               f"differences with 95% bootstrap intervals over records, * Newcombe's)")
     for col in ("field", "n mem / non", "recovered: mem", "non", "base", "mem - non", "ft - base", "top-1 n",
-                "top-1: mem", "non", "base", "chance"):
+                "top-1: mem", "non", "base", "chance", "top-1 gain - gain"):
         t.add_column(col, justify="left" if col == "field" else "right")
     top1 = {r["field"]: r for r in f["tables"]["top1"]}
     for a in f["tables"]["recovered"]:
@@ -128,9 +128,14 @@ def _print_fields(summary: dict) -> None:
                   f"{a['member_minus_nonmember']:+.3f} ({_fmt(a['mn_lo'])}, {_fmt(a['mn_hi'])}){_by(a, 'mn')}",
                   f"{a['ft_minus_base']:+.3f} ({_fmt(a['fb_lo'])}, {_fmt(a['fb_hi'])}){_by(a, 'fb')}",
                   f"{b['n_members']} / {b['n_nonmembers']}" if b else "-", _fmt(b.get("members")),
-                  _fmt(b.get("nonmembers")), _fmt(b.get("members_base")), _fmt(b.get("chance")))
+                  _fmt(b.get("nonmembers")), _fmt(b.get("members_base")), _fmt(b.get("chance")),
+                  f"{b['gain_minus_gain']:+.3f} ({_fmt(b['gg_lo'])}, {_fmt(b['gg_hi'])}){_by(b, 'gg')}"
+                  if b.get("gain_minus_gain") is not None else "-")
     console.print(t)
-    if any(a.get(f"{k}_by") == "newcombe" for a in f["tables"]["recovered"] for k in ("mn", "fb")):
+    console.print("gain - gain: the members' gain over the base model minus the non-members' (what the fine-tune "
+                  "learned of its members beyond the domain)", soft_wrap=True)
+    if any(a.get(f"{k}_by") == "newcombe" for m in ("recovered", "top1") for a in f["tables"][m]
+           for k in ("mn", "fb", "gg")):
         console.print("* a side without variation (no field recovered, or every one), models that agree on every "
                       "field, or under 10 records: Newcombe's interval on the number of records, not the bootstrap", soft_wrap=True)
     if f.get("sampling"):

@@ -23,7 +23,8 @@ annotate each field with its character offset. Two games, after Lukas et al. 202
 
 Rates are per field type, for members and non-members under the fine-tuned model and for both under the base
 model, on the same prompts. Differences (members - non-members under the fine-tuned model; fine-tuned - base on
-the members) carry a 95% bootstrap interval over records (a record's fields resampled together, members and
+the members; the members' gain over the base minus the non-members' gain, which leaves out what the fine-tune
+learned of the domain as a whole) carry a 95% bootstrap interval over records (a record's fields resampled together, members and
 non-members apart); where a side has no variation (no field recovered, or all), the two models agree on every field,
 or a side has fewer than 10 records, Newcombe's interval on the number of records instead (a bootstrap of constant
 values has zero width, and one of a handful of records is too narrow). The functions above the tables are pure; :func:`complete`, :func:`infer` and
@@ -170,14 +171,15 @@ MIN_BOOT_RECORDS = 10  # fewer records on a side: Newcombe's interval, not the b
 
 
 def _interval(values: dict[str, np.ndarray], groups: dict[str, np.ndarray], diff: tuple[str, str],
-              n_boot: int, seed: int) -> tuple[float, float, str]:
+              n_boot: int, seed: int, span: float = 1.0) -> tuple[float, float, str]:
     """95% interval of mean(values[a]) - mean(values[b]) and how it was made: the cluster bootstrap over records
     (``"bootstrap"``), except where it cannot see the variance: a side without variation (every field recovered, or
     none), a paired difference that is the same on every field (the two models agree everywhere), or fewer than
     :data:`MIN_BOOT_RECORDS` records on a side. A bootstrap of constant values has zero width, and a percentile
     bootstrap of a handful of records is too narrow, so there Newcombe's hybrid score interval is used, with each
     side's rate on its number of records (``"newcombe"``; conservative: a record's fields count as one record, and a
-    paired difference is treated as unpaired)."""
+    paired difference is treated as unpaired). ``span`` 2 is for values in [-1, 1] (differences of two rates): the
+    fallback then works on (v + 1) / 2 and doubles the interval."""
     a, b = diff
     va, vb = values[a], values[b]
     if not va.size or not vb.size:
@@ -190,8 +192,9 @@ def _interval(values: dict[str, np.ndarray], groups: dict[str, np.ndarray], diff
     from statsmodels.stats.proportion import confint_proportions_2indep
 
     na, nb = np.unique(groups[a]).size, np.unique(groups[b]).size
-    lo, hi = confint_proportions_2indep(va.mean() * na, na, vb.mean() * nb, nb, method="newcomb", compare="diff")
-    return float(lo), float(hi), "newcombe"
+    pa, pb = (va.mean() + span - 1) / span, (vb.mean() + span - 1) / span  # onto [0, 1]
+    lo, hi = confint_proportions_2indep(pa * na, na, pb * nb, nb, method="newcomb", compare="diff")
+    return float(lo * span), float(hi * span), "newcombe"
 
 
 CANARY = 2  # the role of a canary (a member repeated on purpose) in ``field_table``'s member array
@@ -201,7 +204,9 @@ def field_table(items: Sequence[FieldItem], member: np.ndarray, scores: dict[str
                 n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
     """Per field type (repeats left out): n, the rate of ``measure`` for members and non-members under the
     fine-tuned (``scores["ft"]``) and the base model (``scores["base"]``), the differences members - non-members
-    (fine-tuned) and fine-tuned - base (members) with 95% cluster-bootstrap intervals. Records whose role is
+    (fine-tuned), fine-tuned - base (members) and the members' gain over the base minus the non-members' gain
+    (``gain_minus_gain``: what the fine-tune learned of its members beyond the domain) with 95% cluster-bootstrap
+    intervals. Records whose role is
     :data:`CANARY` (members repeated on purpose) are not members here; where there are some, their rate under both
     models and canaries - non-members with its interval are added."""
     role = np.asarray(member, dtype=int)
@@ -227,6 +232,12 @@ def field_table(items: Sequence[FieldItem], member: np.ndarray, scores: dict[str
         row["mn_lo"], row["mn_hi"], row["mn_by"] = _interval(vals, groups, ("ft_m", "ft_n"), n_boot, seed)
         row["ft_minus_base"] = row["members"] - row["members_base"]
         row["fb_lo"], row["fb_hi"], row["fb_by"] = _interval(vals, groups, ("ft_m", "base_m"), n_boot, seed + 1)
+        # the members' gain over the base model minus the non-members' gain: memorization apart from what the
+        # fine-tune taught about the domain (both sides' gains on their own records, the sides drawn apart)
+        gains = {"gain_m": vals["ft_m"] - vals["base_m"], "gain_n": vals["ft_n"] - vals["base_n"]}
+        row["gain_minus_gain"] = _rate(gains["gain_m"]) - _rate(gains["gain_n"])
+        row["gg_lo"], row["gg_hi"], row["gg_by"] = _interval(gains, {"gain_m": rec[m], "gain_n": rec[n]},
+                                                             ("gain_m", "gain_n"), n_boot, seed + 3, span=2.0)
         if can.any():
             vals.update(ft_c=scores["ft"][c], base_c=scores["base"][c])
             groups.update(ft_c=rec[c], base_c=rec[c])

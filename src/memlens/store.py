@@ -247,8 +247,8 @@ def field_table(conn: sqlite3.Connection, run_id: str) -> tuple[list[str], list[
     """The run's field-leakage rows (audit.fields): one per game measure and field type, rates and differences
     (no text: field values never leave the store)."""
     keys = ["n_members", "n_nonmembers", "repeats", "members", "nonmembers", "members_base", "nonmembers_base",
-            "member_minus_nonmember", "mn_lo", "mn_hi", "mn_by", "ft_minus_base", "fb_lo", "fb_hi", "fb_by", "chance",
-            "n_canaries", "canaries", "canaries_base", "canary_minus_nonmember", "cn_lo", "cn_hi", "cn_by"]
+            "member_minus_nonmember", "mn_lo", "mn_hi", "mn_by", "ft_minus_base", "fb_lo", "fb_hi", "fb_by",
+            "gain_minus_gain", "gg_lo", "gg_hi", "gg_by", "chance", "n_canaries", "canaries", "canaries_base", "canary_minus_nonmember", "cn_lo", "cn_hi", "cn_by"]
     rows = []
     for name, subject, details in conn.execute("SELECT name, subject, details_json FROM metrics WHERE run_id = ? "
                                                "AND name LIKE 'field:%' ORDER BY rowid", (run_id,)):
