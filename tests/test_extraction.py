@@ -77,3 +77,31 @@ def test_extract_scores_continuations_only_and_summarizes():
     g = summ[("greedy", "ngram_share")]
     assert g["difference"] == pytest.approx(g["members"] - g["nonmembers"])
     assert summ[("T=0.7", "exact")]["n_members"] == 2
+
+
+def test_a_difference_without_variation_gets_newcombes_interval_not_a_zero_width_welch():
+    """No continuation exact on either side: Welch's interval would be (0, 0); the summary gives Newcombe's on the
+    number of prompts (two samples a prompt: 20 and 15 prompts, not 40 and 30 continuations)."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    import numpy as np
+
+    from memlens.extraction import ExtractionRow, summarize
+
+    rows = [ExtractionRow(i, i < 20, "T=1", j, 4, 4, [1], {"ngram_share": 0.5 * (i % 2), "exact": 0.0,
+                                                               "prefix_match": 0.0, "rouge_l": 0.25 * (j + i % 3),
+                                                               "edit_sim": 0.1}, 2.0)
+            for i in range(35) for j in range(2)]
+    by = {r["measure"]: r for r in summarize(rows)}
+    lo, hi = confint_proportions_2indep(0, 20, 0, 15, method="newcomb", compare="diff")
+    assert by["exact"]["difference_by"] == "newcombe" and (by["exact"]["difference_lo"], by["exact"]["difference_hi"]) \
+        == pytest.approx((lo, hi)) and hi > 0.1
+    assert by["edit_sim"]["difference_by"] == "newcombe"  # constant 0.1 on both sides
+    assert by["prefix_match"]["difference_by"] == "none" and by["prefix_match"]["difference_lo"] != \
+        by["prefix_match"]["difference_lo"]  # a count without variation: no interval (nan), not (0, 0)
+    # where both sides vary and have 10 prompts or more: Welch over the continuations, as before
+    r = by["rouge_l"]
+    mem = np.array([0.25 * (j + i % 3) for i in range(20) for j in range(2)])
+    non = np.array([0.25 * (j + i % 3) for i in range(20, 35) for j in range(2)])
+    half = 1.959964 * np.sqrt(mem.var(ddof=1) / mem.size + non.var(ddof=1) / non.size)
+    assert r["difference_by"] == "welch" and r["difference_lo"] == pytest.approx(mem.mean() - non.mean() - half)

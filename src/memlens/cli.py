@@ -238,12 +238,14 @@ def print_audit_summary(summary: dict, title: str) -> None:
                       _fmt(c["skewnorm_exposure"], 2), _fmt(c.get("base_rank_exposure"), 2))
         console.print(e)
     if summary.get("extraction"):
-        e = Table(title="extraction (continuation vs true suffix; members - non-members is memorization)")
+        e = Table(title="extraction (continuation vs true suffix; members - non-members is memorization; * Newcombe's "
+                  "interval on the prompts where a side has no variation or under 10 prompts)")
         for col in ("decoding", "measure", "members", "non-members", "difference (95%)", "n", "canaries"):
             e.add_column(col, justify="right" if col not in ("decoding", "measure") else "left")
         for r in summary["extraction"]:
             lo, hi = r.get("difference_lo"), r.get("difference_hi")
             ci = f" ({_fmt(lo)}, {_fmt(hi)})" if lo is not None and lo == lo else ""
+            ci += "*" if r.get("difference_by") == "newcombe" else ""
             e.add_row(r["decoding"], r["measure"], _fmt(r["members"]), _fmt(r["nonmembers"]),
                       _fmt(r["difference"]) + ci, f"{r.get('n_members', '-')} / {r.get('n_nonmembers', '-')}",
                       _fmt(r.get("canaries")) if r.get("n_canaries") else "-")

@@ -219,12 +219,39 @@ def extract(model: Any, seqs: list[list[int]], members: list[bool], decodings: l
 
 
 MEASURES = ("ngram_share", "exact", "prefix_match", "rouge_l", "edit_sim")
+UNIT = ("ngram_share", "exact", "rouge_l", "edit_sim")  # the measures in [0, 1] (prefix_match counts tokens)
+MIN_WELCH = 10  # fewer prompts on a side: Newcombe's interval for a measure in [0, 1]
+
+
+def _difference_interval(mem: np.ndarray, non: np.ndarray, n_mem: int, n_non: int, unit: bool
+                         ) -> tuple[float, float, str]:
+    """95% interval of mean(mem) - mean(non): Welch's, except where it cannot see the variance (a side without
+    variation, or, for a measure in [0, 1], fewer than :data:`MIN_WELCH` prompts a side): there a measure in [0, 1]
+    gets Newcombe's hybrid score interval on the number of prompts (``n_mem``, ``n_non``: conservative when a prompt
+    has several samples) and a count (prefix_match) without variation no interval (nan)."""
+    if mem.size < 2 or non.size < 2:
+        return float("nan"), float("nan"), "none"
+    diff = float(mem.mean() - non.mean())
+    varies = np.ptp(mem) > 0 and np.ptp(non) > 0
+    if varies and (min(n_mem, n_non) >= MIN_WELCH or not unit):
+        half = 1.959964 * float(np.sqrt(mem.var(ddof=1) / mem.size + non.var(ddof=1) / non.size))
+        return diff - half, diff + half, "welch"
+    if not unit:
+        return float("nan"), float("nan"), "none"
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    lo, hi = confint_proportions_2indep(mem.mean() * n_mem, n_mem, non.mean() * n_non, n_non, method="newcomb",
+                                        compare="diff")
+    return float(lo), float(hi), "newcombe"
 
 
 def summarize(rows: list[ExtractionRow], canaries: set[int] = frozenset()) -> list[dict[str, Any]]:
     """Per decoding and measure: the mean for members, for non-members, and their difference with n and a 95%
-    interval (Welch: difference -+ 1.96 * sqrt(var_m / n_m + var_n / n_n) over the continuations). Continuations of
-    the records whose index is in ``canaries`` are kept apart (their own mean), never among the members."""
+    interval (Welch: difference -+ 1.96 * sqrt(var_m / n_m + var_n / n_n) over the continuations; where a side has
+    no variation or (a measure in [0, 1]) under 10 prompts, Newcombe's on the prompts; a count without variation has
+    none: see
+    :func:`_difference_interval`; ``difference_by`` says which). Continuations of the records whose index is in
+    ``canaries`` are kept apart (their own mean), never among the members."""
     out = []
     for label in dict.fromkeys(r.decoding for r in rows):
         sel = [r for r in rows if r.decoding == label]
@@ -234,11 +261,11 @@ def summarize(rows: list[ExtractionRow], canaries: set[int] = frozenset()) -> li
             can = np.array([r.scores[m] for r in sel if r.index in canaries])
             mean = {k: float(v.mean()) if v.size else float("nan") for k, v in (("m", mem), ("n", non), ("c", can))}
             diff = mean["m"] - mean["n"]
-            half = float("nan")
-            if mem.size > 1 and non.size > 1:
-                half = 1.959964 * float(np.sqrt(mem.var(ddof=1) / mem.size + non.var(ddof=1) / non.size))
+            n_mem = len({r.index for r in sel if r.member and r.index not in canaries})
+            n_non = len({r.index for r in sel if not r.member})
+            lo, hi, by = _difference_interval(mem, non, n_mem, n_non, m in UNIT)
             out.append({"decoding": label, "measure": m, "members": mean["m"], "nonmembers": mean["n"],
-                        "difference": diff, "difference_lo": diff - half, "difference_hi": diff + half,
+                        "difference": diff, "difference_lo": lo, "difference_hi": hi, "difference_by": by,
                         "n_members": int(mem.size), "n_nonmembers": int(non.size),
                         "canaries": mean["c"] if can.size else None,
                         "n_canaries": int(can.size)})
