@@ -10,7 +10,7 @@ TPR at 1% FPR (bootstrap 95% interval). Step 0 is the model before training:
 a fresh LoRA adapter (B = 0) leaves the base model unchanged, so its statistics are the base model's, at no cost.
 Canaries are left out of the metrics, as in the final audit. With ``checkpoints.extraction`` each checkpoint after
 step 0 also runs greedy extraction on the records the final audit's extraction samples (n-gram share and exact
-match of members and non-members, and their difference with a Welch 95% interval). A checkpoint costs one scoring
+match of members and non-members, and their difference with its 95% interval, as in extraction.summarize). A checkpoint costs one scoring
 pass over the audited records (plus the extraction when asked); it leaves the training's random state as it found
 it, so the training (and the final adapter) is the same with or without checkpoints.
 
@@ -176,7 +176,7 @@ class Trajectory:
             for a, m in p.attacks.items():
                 out.append((p.step, p.epoch, "auc", a, m["auc"], m["auc_lo"], m["auc_hi"]))
                 out.append((p.step, p.epoch, f"tpr@{TPR_AT:g}", a, m["tpr"], m["tpr_lo"], m["tpr_hi"]))
-            for s in self.extracted.get(p.step, []):  # the member - non-member difference with its Welch interval
+            for s in self.extracted.get(p.step, []):  # the member - non-member difference with its interval
                 out.append((p.step, p.epoch, f"extraction:{s['measure']}", "members", s["members"], None, None))
                 out.append((p.step, p.epoch, f"extraction:{s['measure']}", "nonmembers", s["nonmembers"], None, None))
                 out.append((p.step, p.epoch, f"extraction:{s['measure']}", "difference", s["difference"],
