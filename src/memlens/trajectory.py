@@ -10,8 +10,8 @@ TPR at 1% FPR (bootstrap 95% interval). Step 0 is the model before training:
 a fresh LoRA adapter (B = 0) leaves the base model unchanged, so its statistics are the base model's, at no cost.
 Canaries are left out of the metrics, as in the final audit. With ``checkpoints.extraction`` each checkpoint after
 step 0 also runs greedy extraction on the records the final audit's extraction samples (n-gram share and exact
-match of members and non-members, and their difference with its 95% interval, as in extraction.summarize). A checkpoint costs one scoring
-pass over the audited records (plus the extraction when asked); it leaves the training's random state as it found
+match of members and non-members, and their difference with its 95% interval, as in extraction.summarize). A
+checkpoint costs one scoring pass over the audited records (plus the extraction when asked); it leaves the training's random state as it found
 it, so the training (and the final adapter) is the same with or without checkpoints.
 
 **The threshold** (:func:`threshold`). With held-out NLL h_0..h_n and signal s_0..s_n (an attack's AUC) at the
