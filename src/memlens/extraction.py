@@ -238,11 +238,9 @@ def _difference_interval(mem: np.ndarray, non: np.ndarray, n_mem: int, n_non: in
         return diff - half, diff + half, "welch"
     if not unit:
         return float("nan"), float("nan"), "none"
-    from statsmodels.stats.proportion import confint_proportions_2indep
+    from memlens.metrics import newcombe_difference
 
-    lo, hi = confint_proportions_2indep(mem.mean() * n_mem, n_mem, non.mean() * n_non, n_non, method="newcomb",
-                                        compare="diff")
-    return float(lo), float(hi), "newcombe"
+    return (*newcombe_difference(float(mem.mean()), n_mem, float(non.mean()), n_non), "newcombe")
 
 
 def summarize(rows: list[ExtractionRow], canaries: set[int] = frozenset()) -> list[dict[str, Any]]:

@@ -189,12 +189,12 @@ def _interval(values: dict[str, np.ndarray], groups: dict[str, np.ndarray], diff
     enough = min(np.unique(groups[a]).size, np.unique(groups[b]).size) >= MIN_BOOT_RECORDS
     if varies and enough:
         return (*_cluster_boot(values, groups, diff, n_boot, seed), "bootstrap")
-    from statsmodels.stats.proportion import confint_proportions_2indep
+    from memlens.metrics import newcombe_difference
 
     na, nb = np.unique(groups[a]).size, np.unique(groups[b]).size
     pa, pb = (va.mean() + span - 1) / span, (vb.mean() + span - 1) / span  # onto [0, 1]
-    lo, hi = confint_proportions_2indep(pa * na, na, pb * nb, nb, method="newcomb", compare="diff")
-    return float(lo * span), float(hi * span), "newcombe"
+    lo, hi = newcombe_difference(pa, na, pb, nb)
+    return lo * span, hi * span, "newcombe"
 
 
 CANARY = 2  # the role of a canary (a member repeated on purpose) in ``field_table``'s member array

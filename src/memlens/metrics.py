@@ -292,3 +292,12 @@ def seed_record_bootstrap(y_true, runs, others=None, metric: str = "auc", n_boot
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
     return SeedRecordInterval(metric, float(replicate(np.arange(y.size), False)), float(lo), float(hi), n_seeds,
                               int(y.sum()), int((y == 0).sum()), n_boot)
+
+
+def newcombe_difference(rate_a: float, n_a: int, rate_b: float, n_b: int) -> tuple[float, float]:
+    """95% interval of rate_a - rate_b by Newcombe's hybrid score method (Wilson bounds of each side), the rates
+    read as proportions of n_a and n_b units: where a bootstrap or Welch cannot see the variance."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    lo, hi = confint_proportions_2indep(rate_a * n_a, n_a, rate_b * n_b, n_b, method="newcomb", compare="diff")
+    return float(lo), float(hi)
