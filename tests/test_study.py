@@ -23,6 +23,7 @@ axes:
 profiles:
   quick: {set: {train.epochs: 1}}
   two: {axes: {lora.targets: [[q], [k]], lora.rank: [1, 2]}}
+  seeds: {axes: {lora.targets: [[q], [v]], train.seed: [0, 1]}}
   matched: {match_params: {reference: [q], rank: 4}, axes: {lora.targets: [[q], [k], [q, k]]}}
 """
 
@@ -44,6 +45,10 @@ def test_expansion_profiles_and_ids(tmp_path):
     assert [(r.config.lora.targets, r.config.lora.rank) for r in two] == [(["q"], 1), (["q"], 2), (["k"], 1),
                                                                           (["k"], 2)]
     assert plan(st, None, ["train.seed=3"])[0].config.train.seed == 3
+    seeds = plan(st, "seeds")  # seed axes vary slowest; names and labels keep the study's order
+    assert [(r.config.train.seed, r.config.lora.targets) for r in seeds] == [
+        (0, ["q"]), (0, ["v"]), (1, ["q"]), (1, ["v"])]
+    assert seeds[0].label == "lora.targets=[q] train.seed=0" and "-targetsq-seed0-" in seeds[0].config.name
     with pytest.raises(MemlensError, match="no profile 'nope'"):
         plan(st, "nope")
     with pytest.raises(MemlensError, match="unknown key 'train.epoch'"):

@@ -135,11 +135,15 @@ def plan(study: StudyConfig, profile: str | None = None, overrides: list[str] | 
     base.setdefault("output_dir", str(Path("runs") / study.name))
     validate(base, RunConfig, where=f"study {study.name}: base")  # errors name the base keys first
     keys = list(axes)
+    # seed axes vary slowest: a study stopped part way has every configuration at its first seeds, which the
+    # comparisons across configurations need, rather than all seeds of the first configurations
+    loop = sorted(keys, key=lambda k: not k.endswith(".seed"))
     rank_for = _matched_ranks(study.name, match, base, axes) if match is not None else None
     runs: list[PlannedRun] = []
     seen: set[str] = set()
-    for values in itertools.product(*(axes[k] for k in keys)):
-        assign = dict(zip(keys, values))
+    for values in itertools.product(*(axes[k] for k in loop)):
+        got = dict(zip(loop, values))
+        assign = {k: got[k] for k in keys}  # names and labels keep the study's order of axes
         cfg_dict = base
         for k, v in assign.items():
             cfg_dict = deep_merge(cfg_dict, _nest(k, v))
