@@ -353,9 +353,11 @@ def main() -> None:
     lm = load_model(args.model)
     fpt = flops_per_token(lm.model)
     seqs = lm.encode(texts[:n_score])
+    cpu = processor()
     res = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores "
-           f"({processor()['model']}), torch {torch.__version__}, threads {torch.get_num_threads()}",
-           "processor": processor(),
+           f"({cpu['model']}, family/model {cpu['family_model']}, {' '.join(cpu['isa']) or 'no AVX'}), "
+           f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+           "processor": cpu,
            "device": "cpu", "model": args.model, "data": source, "quick": args.quick,
            "gemm_roof_gflops": roof, "gflop_per_token": fpt / 1e9}
     log("scoring")

@@ -356,3 +356,19 @@ def test_each_step_is_timed_when_it_ends_on_a_cpu(monkeypatch):
     gaps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]
     # two forwards of 0.2 s in every step; a stamp one step late would give the last two rows the same time
     assert len(rows) == 4 and all(g >= 0.35 for g in gaps), gaps
+
+
+def test_processor_record_names_the_generation_and_instruction_sets(monkeypatch):
+    from pathlib import Path
+
+    from memlens import provenance
+
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma sse4_2\n\nprocessor\t: 1\n")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: info if str(self) == "/proc/cpuinfo"
+                        else real(self, *a, **k))
+    rec = provenance.processor()
+    assert (rec["model"], rec["family_model"], rec["isa"]) == ("AMD EPYC", "23/49", ["avx2", "fma"])
+    info = info.replace("flags\t\t: fpu avx avx2 fma", "flags\t\t: avx2 fma avx512f avx512_bf16 amx_tile amx_bf16")
+    assert provenance.processor()["isa"] == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
