@@ -342,14 +342,18 @@ def main() -> None:
                     "train sentences, 3 epochs; held-out: the test split), memlens and the Trainer, 2 seeds each "
                     "(hours on 2 cores)")
     args = ap.parse_args()
-    from memlens.models import load_model, resolve_precision
+    from memlens.models import fast_bf16, load_model, resolve_precision
     from memlens.provenance import processor
 
     n_score, n_extract, steps, cells = (256, 64, 20, 1) if args.quick else (1280, 256, 60, None)
     texts, source = records(max(n_score, 512))
     precision = resolve_precision("auto", "cpu")
     t0 = time.perf_counter()
-    roof = {"float32": gemm_roof(torch.float32), "bfloat16": gemm_roof(torch.bfloat16)}
+    # without AVX512-BF16 or AMX, bf16 products are emulated (about 1 GFLOP/s on an AVX2 EPYC: minutes for the
+    # 2048-cube), and memlens computes in float32: a small product shows the gap
+    native = fast_bf16("cpu")
+    roof = {"float32": gemm_roof(torch.float32),
+            "bfloat16": gemm_roof(torch.bfloat16) if native else gemm_roof(torch.bfloat16, n=512, reps=1)}
     lm = load_model(args.model)
     fpt = flops_per_token(lm.model)
     seqs = lm.encode(texts[:n_score])
@@ -359,7 +363,7 @@ def main() -> None:
            f"torch {torch.__version__}, threads {torch.get_num_threads()}",
            "processor": cpu,
            "device": "cpu", "model": args.model, "data": source, "quick": args.quick,
-           "gemm_roof_gflops": roof, "gflop_per_token": fpt / 1e9}
+           "gemm_roof_gflops": roof, "bf16_native": native, "gflop_per_token": fpt / 1e9}
     log("scoring")
     res["scoring"] = bench_scoring(lm, seqs, precision, roof, fpt)
     log("extraction")
@@ -374,7 +378,8 @@ def main() -> None:
         res["training_full"]["memlens_gflops"] = res["training_full"]["memlens_tok_s"] * 2 * fpt / 1e9
         res["training_full"]["share_of_roof"] = res["training_full"]["memlens_gflops"] / roof[precision]
     log("bf16 against float32 on the AUCs")
-    res["precision_check"] = bench_precision(tlm, model, texts[:256], texts[256:512], precision)
+    res["precision_check"] = (bench_precision(tlm, model, texts[:256], texts[256:512], precision)
+                              if precision != "float32" else None)  # float32 against itself tells nothing
     with tempfile.TemporaryDirectory(prefix="memlens-bench-") as tmp:
         res["study"] = bench_study(args.model, cells, Path(tmp))
     res["wall_s"] = time.perf_counter() - t0
@@ -401,6 +406,19 @@ def fit_table(res: dict) -> list[str]:
     return rows
 
 
+def precision_lines(pc: dict | None, p: str) -> list[str]:
+    """(e): the audit's AUCs at ``p`` against float32 (none where memlens computes in float32)."""
+    if pc is None:
+        return ["(e) not measured: memlens computes in float32 on this processor, as the baseline does.", ""]
+    return [
+        f"(e) {p} against float32, every attack's AUC on the adapter of (c) ({pc['members']} members vs "
+        f"{pc['nonmembers']} held-out): " + ("all within" if pc["all_within"] else "NOT all within")
+        + " the float32 value's 95% Hanley-McNeil interval.", "",
+        f"| attack | AUC float32 (95% interval) | AUC {p} | within |", "|---|---|---|---|",
+        *[f"| {a} | {r['float32']:.4f} ({r['lo']:.3f}-{r['hi']:.3f}) | {r[p]:.4f} | {'yes' if r['within'] else 'NO'} |"
+          for a, r in pc["attacks"].items()], ""]
+
+
 def write_markdown(res: dict, path: Path) -> None:
     sc, ex, tr, pc, st = (res[k] for k in ("scoring", "extraction", "training", "precision_check", "study"))
     roof = res["gemm_roof_gflops"]
@@ -410,7 +428,9 @@ def write_markdown(res: dict, path: Path) -> None:
         f"{'`make bench-quick`' if res['quick'] else '`make bench`'} in {res['wall_s'] / 60:.1f} min. Produced by "
         "`benchmarks/bench.py`: each ratio compares memlens with a baseline written like the paper's code "
         "(`benchmarks/baseline.py`), in the same run.", "",
-        f"GEMM roof now: fp32 {roof['float32']:.0f} GFLOP/s, bf16 {roof['bfloat16']:.0f} GFLOP/s; "
+        f"GEMM roof now: fp32 {roof['float32']:.0f} GFLOP/s, bf16 {roof['bfloat16']:.0f} GFLOP/s"
+        + ("" if res["bf16_native"] else " (emulated: this processor has neither AVX512-BF16 nor AMX; a 512-cube "
+           "product)") + "; "
         f"{res['gflop_per_token']:.3f} GFLOP per token forward. memlens computes in {p} here.", "",
         "| measure | baseline | memlens | ratio | goal | notes |", "|---|---|---|---|---|---|",
         f"| (a) scoring, tokens/s | {sc['baseline_tok_s']:.0f} | {sc['memlens_tok_s']:.0f} | {sc['ratio']:.1f}x | "
@@ -443,12 +463,7 @@ def write_markdown(res: dict, path: Path) -> None:
         "(c)'s fit: mean NLL (nats per token, scored in float32) after training, mean over the seeds (their "
         "spread, max - min); memlens's defaults against the Trainer:", "",
         *fit_table(res), "",
-        f"(e) {p} against float32, every attack's AUC on the adapter of (c) ({pc['members']} members vs "
-        f"{pc['nonmembers']} held-out): " + ("all within" if pc["all_within"] else "NOT all within")
-        + " the float32 value's 95% Hanley-McNeil interval.", "",
-        f"| attack | AUC float32 (95% interval) | AUC {p} | within |", "|---|---|---|---|",
-        *[f"| {a} | {r['float32']:.4f} ({r['lo']:.3f}-{r['hi']:.3f}) | {r[p]:.4f} | {'yes' if r['within'] else 'NO'} |"
-          for a, r in pc["attacks"].items()], "",
+        *precision_lines(pc, p),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(place_block(path.read_text() if path.is_file() else "# Performance\n", lines))

@@ -57,8 +57,10 @@ def test_bench_quick_runs_end_to_end_on_the_tiny_model(tmp_path, phee_dir):
     assert sc["ratio"] == pytest.approx(sc["memlens_tok_s"] / sc["baseline_tok_s"])
     assert res["study"]["runs"] == 1 and res["study"]["of"] == 15
     pc = res["precision_check"]
-    for a, row in pc["attacks"].items():
+    assert (pc is None) == (sc["precision"] == "float32")  # (e) only where memlens computes in bf16
+    for a, row in (pc or {"attacks": {}})["attacks"].items():
         assert row["within"] == (row["lo"] <= row[pc["precision"]] <= row["hi"]), a
+    assert res["bf16_native"] == (sc["precision"] == "bfloat16")
     text = out.read_text()
     assert "(c)'s fit" in text and "| heldout |" in text
     assert "(a) scoring" in text and "(d) paper-table-3.1 quick" in text and f"{sc['ratio']:.1f}x" in text

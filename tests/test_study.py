@@ -74,6 +74,12 @@ def test_shipped_studies_expand(phee_dir):
     full = plan(load_study("paper-table-3.1"), "full", [f"data.path={phee_dir}"])[0].config
     assert (full.train.batch_size, full.train.grad_accum, full.train.warmup_steps, full.lora.alpha) == (16, 4, 100, 16)
     assert full.data.members.n is None and full.data.nonmembers.split == "test"
+    seeds = plan(load_study("paper-table-3.1"), "seeds", [f"data.path={phee_dir}"])
+    assert [(r.config.train.seed, r.config.lora.targets) for r in seeds[:6]] == [
+        (0, ["q"]), (0, ["k"]), (0, ["v"]), (0, ["o"]), (0, ["q", "k"]), (1, ["q"])]
+    # fixed precision: the same run ids on a processor of any kind, so that any machine resumes the study
+    assert {(r.config.resolved()["train_precision"], r.config.resolved()["audit_precision"]) for r in seeds} == {
+        ("float32", "float32")}
     rank = plan(load_study("paper-rank"), "full", [f"data.path={phee_dir}"])
     assert sorted({r.config.lora.rank for r in rank}) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
     assert {r.config.lora.alpha_rule for r in rank} == {"fixed", "rslora"}
