@@ -342,7 +342,7 @@ def main() -> None:
                     "train sentences, 3 epochs; held-out: the test split), memlens and the Trainer, 2 seeds each "
                     "(hours on 2 cores)")
     args = ap.parse_args()
-    from memlens.models import fast_bf16, load_model, resolve_precision
+    from memlens.models import load_model, resolve_precision
     from memlens.provenance import processor
 
     n_score, n_extract, steps, cells = (256, 64, 20, 1) if args.quick else (1280, 256, 60, None)
@@ -351,7 +351,7 @@ def main() -> None:
     t0 = time.perf_counter()
     # without AVX512-BF16 or AMX, bf16 products are emulated (about 1 GFLOP/s on an AVX2 EPYC: minutes for the
     # 2048-cube), and memlens computes in float32: a small product shows the gap
-    native = fast_bf16("cpu")
+    native = precision == "bfloat16"  # auto picks bf16 exactly where it is native
     roof = {"float32": gemm_roof(torch.float32),
             "bfloat16": gemm_roof(torch.bfloat16) if native else gemm_roof(torch.bfloat16, n=512, reps=1)}
     lm = load_model(args.model)

@@ -47,12 +47,15 @@ def processor() -> dict[str, Any]:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         info = ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    fields: dict[str, str] = {}  # "key : value" lines; the first processor's value of each key
+    for line in info.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
     # the generation behind a shared model name ("AMD EPYC" is Zen 2 to Zen 5): x86's family and model numbers
-    ids = {k: line.split(":", 1)[1].strip() for line in info.splitlines()[:30] for k in ("cpu family", "model")
-           if line.split(":", 1)[0].strip() == k}
+    family = fields.get("cpu family"), fields.get("model")
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
     try:
         import torch
@@ -60,7 +63,7 @@ def processor() -> dict[str, Any]:
         threads = torch.get_num_threads()
     except ImportError:
         threads = None
-    return {"model": model, "family_model": f"{ids['cpu family']}/{ids['model']}" if len(ids) == 2 else None,
+    return {"model": model, "family_model": "/".join(family) if all(family) else None,
             "isa": [f for f in wanted if f in flags], "cores": os.cpu_count(), "torch_threads": threads}
 
 
