@@ -15,6 +15,16 @@ def phee_dir() -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    """A module's own empty memlens cache for its module-scoped fixtures (a run shared by the module's tests): pytest
+    sets up wider-scoped fixtures before the per-test one below, so without this they wrote to the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEMLENS_CACHE", str(tmp_path_factory.mktemp("module-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test gets an empty memlens cache unless it asks for the shared model cache."""

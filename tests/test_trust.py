@@ -258,3 +258,16 @@ def test_the_statistics_cache_holds_no_plain_hash_of_a_record(tmp_path, tiny):
     for f in files:
         with np.load(f) as z:
             assert not plain & set(z["hashes"].tolist())
+
+
+@pytest.fixture(scope="module")
+def cache_seen_by_a_module_fixture():
+    from memlens.paths import cache_dir
+
+    return cache_dir()
+
+
+def test_module_fixtures_never_use_the_users_cache(cache_seen_by_a_module_fixture, tmp_path_factory):
+    """A run made once for a module's tests (module-scoped fixture) scores into a cache of the test session's own."""
+    base = tmp_path_factory.getbasetemp().resolve()
+    assert cache_seen_by_a_module_fixture.resolve().is_relative_to(base)
