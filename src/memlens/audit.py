@@ -435,8 +435,17 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
         pool = value_pool([r for recs in prep.corpus.splits.values() for r in recs], cfg.audit.fields.types)
         games = FieldGames.prepare(prep.lm, records, member, keep, pool, cfg.audit, cfg.train.add_bos,
                                    cfg.train.max_length, progress)
-    tr = train(cfg, prep, progress, hooks=[trajectory] if trajectory is not None else [])
-    timings["train_s"] = tr.seconds
+    tr = None
+    if cfg.reuse_training:
+        from memlens.reuse import find_trained
+
+        tr = find_trained(cfg, prep)
+    if tr is None:
+        tr = train(cfg, prep, progress, hooks=[trajectory] if trajectory is not None else [])
+        timings["train_s"] = tr.seconds
+    else:
+        timings["train_s"] = 0.0
+        timings["reuse_s"] = tr.reused_from["load_s"]
     out = audit(prep.lm, tr.model, base, records, member, seqs, prep.split.canaries, cfg.audit, prep.pad_id,
                 progress, refs)
     if expo is not None:
@@ -471,6 +480,8 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     timings["total_s"] = time.perf_counter() - t0
     summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    if tr.reused_from is not None:
+        summary["reused_training"] = {**tr.reused_from, "train_s": round(tr.seconds, 3)}
     write_run_folder(run_dir, cfg, prep, tr, summary, overwrite=overwrite)
     run = {"run_id": run_id, "name": run_dir.name, "study": study,
            "config": {**cfg.model_dump(mode="json"), "resolved": cfg.resolved()},

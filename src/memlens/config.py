@@ -362,9 +362,15 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     store: str | None = Field(None, description="results store (SQLite); None = OUTPUT_DIR/memlens.sqlite")
+    reuse_training: bool = Field(False, description="audit the adapter of an earlier run in OUTPUT_DIR whose training "
+                                 "is this run's (memlens.reuse) instead of training again; not part of the run id")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        if self.reuse_training and (self.train.method != "lora" or self.train.dp is not None
+                                    or self.train.early_stopping is not None or self.audit.checkpoints is not None):
+            raise ValueError("reuse_training: only a plain LoRA training is reused (not train.method=full, train.dp, "
+                             "train.early_stopping or audit.checkpoints, whose facts come from the training itself)")
         if self.train.dtype == "float16" and self.train.method == "full":
             raise ValueError("train.dtype=float16 with train.method=full has no loss scaling; use bfloat16 or float32")
         if self.audit.references is not None and self.train.method != "lora":
@@ -415,9 +421,20 @@ class RunConfig(_Strict):
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the resolved config (``auto`` settings as resolved on this machine, see
         :meth:`resolved`), without fields that do not change results."""
+        return json_hash(self.hashed())
+
+    def training_hash(self) -> str:
+        """The same without the audit: runs with equal training hashes train the same adapter (memlens.reuse)."""
+        d = self.hashed()
+        d.pop("audit")
+        d["resolved"].pop("audit_precision")
+        return json_hash(d)
+
+    def hashed(self) -> dict[str, Any]:
+        """What the run id is the hash of."""
         d = self.model_dump(mode="json")
         d["resolved"] = self.resolved()
-        for k in ("name", "output_dir", "store"):
+        for k in ("name", "output_dir", "store", "reuse_training"):
             d.pop(k)
         # settings added later leave earlier run ids unchanged at their defaults
         if d["train"].get("too_long") == "truncate":
@@ -439,7 +456,7 @@ class RunConfig(_Strict):
         for key in ("formatted", "one_run"):
             if d["data"]["canary"].get(key) is None:
                 d["data"]["canary"].pop(key, None)
-        return json_hash(d)
+        return d
 
 
 # ---------------------------------------------------------------------------------------------- loading and overrides

@@ -369,6 +369,7 @@ class Trained:
     base: dict[str, Any] | None = None  # the base model an adapter was trained on (memlens_base.json)
     dp: dict[str, Any] | None = None  # the privacy facts of a DP run (memlens.dp)
     early_stopping: dict[str, Any] | None = None
+    reused_from: dict[str, Any] | None = None  # the earlier run whose adapter this is (memlens.reuse)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
