@@ -30,33 +30,54 @@ def _run(tmp_path, *extra, store="s.sqlite"):
                                          *extra]), progress=False)
 
 
+REFS = ["audit.references.count=2", "audit.references.holdout=20", "audit.references.tune_records=30"]
+
+
 def test_an_audit_only_change_reuses_the_adapter_and_gives_the_numbers_of_training_again(tmp_path):
-    first = _run(tmp_path)
-    again = _run(tmp_path, "audit.ks=[0.2]", "reuse_training=true")  # another audit of the same training
-    fresh = _run(tmp_path, "audit.ks=[0.2]", "name=fresh", store="fresh.sqlite")  # the same run, trained again
+    first = _run(tmp_path, "name=b-first")
+    # another audit of the same training, with reference adapters trained (and scored) before the adapter is loaded
+    again = _run(tmp_path, *REFS, "name=a-again", "reuse_training=true")
+    fresh = _run(tmp_path, *REFS, "name=fresh", store="fresh.sqlite")  # the same run, trained again
     assert again.run_id == fresh.run_id != first.run_id  # reuse_training is not part of the run id
     used = again.summary["reused_training"]
-    assert used["run"] == first.run_dir.name and used["run_id"] == first.run_id
+    assert used["run"] == "b-first" and used["run_id"] == first.run_id
+    assert used["train_s"] == first.summary["timings_s"]["train_s"] > 0
     assert "reused_training" not in fresh.summary
     assert again.summary["timings_s"]["train_s"] == 0.0
     for key in ("steps", "first_loss", "last_loss", "train_tokens", "trainable_params"):
-        assert again.summary[key] == first.summary[key] == fresh.summary[key], key
+        assert again.summary[key] == first.summary[key], key
+    # the earlier training's speed (from its clock as stored, to the millisecond)
+    assert again.summary["train_tokens_per_s"] == pytest.approx(first.summary["train_tokens_per_s"], rel=1e-3)
+    for key in ("steps", "first_loss", "last_loss", "train_tokens", "trainable_params"):
+        assert again.summary[key] == fresh.summary[key], key
     assert _values(again.store, again.run_id) == _values(fresh.store, fresh.run_id) != []
+    assert again.summary["attacks"]["lira_offline"] == fresh.summary["attacks"]["lira_offline"]
     ours = (again.run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert ours == (fresh.run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    # a folder that reused is never a source (its clocks are not a training's), and what cannot be read is passed over
+    bad = tmp_path / "runs" / "0-bad"
+    bad.mkdir()
+    (bad / "summary.json").write_text("{")
+    (bad / "config.yaml").write_text("model: [")
+    (tmp_path / "runs" / ".a-again.tmp-x").mkdir()
+    third = _run(tmp_path, "audit.ks=[0.3]", "reuse_training=true")
+    assert third.summary["reused_training"]["run"] == "b-first"
 
 
 def test_another_training_or_a_folder_that_is_not_what_it_says_is_never_reused(tmp_path):
     first = _run(tmp_path)
     other_seed = _run(tmp_path, "train.seed=1", "reuse_training=true")
     assert "reused_training" not in other_seed.summary
-    # a copy of the first run's folder whose config.yaml was changed to claim another training: its summary's run id
-    # no longer matches its config, so it is passed over (and the original, of another training, too)
+    # a copy of the first run's folder whose config.yaml and summary.json were both changed to claim rank 2: its
+    # adapter (rank 1) is not what that config trains, so it is passed over
     fake = tmp_path / "runs" / "aaa-fake"
     shutil.copytree(first.run_dir, fake)
     cfg = yaml.safe_load((fake / "config.yaml").read_text())
     cfg["lora"]["rank"] = 2
     (fake / "config.yaml").write_text(yaml.safe_dump(cfg))
+    summary = json.loads((fake / "summary.json").read_text())
+    summary["config_hash"] = load_config(None, [*BASE, "lora.rank=2"]).config_hash()
+    (fake / "summary.json").write_text(json.dumps(summary))
     ranked = _run(tmp_path, "lora.rank=2", "reuse_training=true")
     assert "reused_training" not in ranked.summary
     # a complete copy with the adapter of another base model (its recorded fingerprint differs) is passed over too
@@ -70,7 +91,15 @@ def test_another_training_or_a_folder_that_is_not_what_it_says_is_never_reused(t
 
 
 @pytest.mark.parametrize("extra", [["train.method=full"], ["audit.checkpoints.every=2"],
-                                   ["train.early_stopping.patience=2"]])
+                                   ["train.early_stopping.patience=2"], ["train.dp.epsilon=8"]])
 def test_reuse_of_a_training_whose_facts_come_from_training_itself_is_refused(tmp_path, extra):
     with pytest.raises(MemlensError, match="reuse_training"):
         load_config(None, [*BASE, "reuse_training=true", *extra])
+
+
+def test_finetune_refuses_reuse_training(tmp_path):
+    from memlens.finetune import finetune
+
+    with pytest.raises(MemlensError, match="memlens finetune always trains"):
+        finetune(load_config(None, [*BASE, "reuse_training=true", f"output_dir={tmp_path}"]), progress=False)
+    assert not any(tmp_path.iterdir())

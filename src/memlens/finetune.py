@@ -517,6 +517,8 @@ def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     from memlens.paths import cache_dir
     from memlens.preflight import check_writable
 
+    if cfg.reuse_training:
+        raise MemlensError("reuse_training: memlens finetune always trains; reuse applies to memlens run and study")
     run_dir = Path(cfg.output_dir) / run_name(cfg)
     check_run_folder(run_dir, cfg.config_hash(), overwrite)
     check_writable(Path(cfg.output_dir), "output_dir")

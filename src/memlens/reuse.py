@@ -2,20 +2,24 @@
 again (``reuse_training: true``; off by default, and not part of the run id).
 
 Two runs train the same adapter when everything but the audit is equal: model, data, adapter and training settings,
-and the device and precision these resolve to (:meth:`memlens.config.RunConfig.training_hash`). Training is
-deterministic for a config and seed, so the audit of the reused adapter gives the numbers training again would: the
-reference attacks, say, can be added to a finished full-size study without its hours of training.
+and the device and precision these resolve to (:meth:`memlens.config.RunConfig.training_hash`). On a CPU, training
+is deterministic for a config and seed with the same library versions on the same kind of processor, so the audit of
+the reused adapter gives the numbers training again would: the reference attacks, say, can be added to a finished
+full-size study without its hours of training.
 
-The earlier run is looked for among the run folders of ``output_dir``, and one is taken only when it is memlens's
-own and complete, and when what it was trained on is what this run would train on:
+The earlier run is looked for among the run folders of ``output_dir``; one is taken only when it is memlens's own,
+complete, trained by itself (not reused), and trained on what this run would train on:
 
 - its summary.json names the run id of its config.yaml, recomputed here (so its ``auto`` settings resolved as here);
 - the training hashes are equal, and so are the data manifests (the same corpus files and draw);
-- its adapter's ``memlens_base.json`` holds the fingerprint of this base model's weights;
+- its summary describes this base model (source, identity, size) and its adapter's ``memlens_base.json`` this base's
+  targeted modules and weight fingerprint; its ``adapter_config.json`` has this run's rank, alpha and modules;
+- it was trained with the same memlens, torch, transformers and peft versions on the same kind of processor;
 - its training had no DP, early stopping or trajectory (their facts come from the training itself).
 
-The run's summary names the run it reused (``reused_training``) and keeps that training's facts (steps, losses,
-tokens per second); its clocks hold the time the adapter took to load, not the earlier training's.
+Folders that fail a check, or cannot be read, are passed over (a folder being written, a folder of another memlens).
+The run's summary names the run it reused (``reused_training``, with that training's seconds and commit) and keeps
+that training's facts (steps, losses, tokens per second); its clocks hold the time the adapter took to load.
 """
 
 from __future__ import annotations
@@ -28,28 +32,53 @@ from typing import Any
 
 import yaml
 
+from memlens.errors import MemlensError
+
 log = logging.getLogger(__name__)
 
+SAME_VERSIONS = ("memlens", "torch", "transformers", "peft")
+SAME_PROCESSOR = ("model", "family_model", "isa")
 
-def _candidate(folder: Path, cfg: Any, manifest_hash: str) -> dict[str, Any] | None:
-    """The summary of the run folder ``folder`` when it trained what ``cfg`` would train, else None."""
+
+def _same_machine_kind(versions: dict[str, Any]) -> bool:
+    from memlens.provenance import processor, versions as here
+
+    now = here()
+    if any(versions.get(k) != now.get(k) for k in SAME_VERSIONS):
+        return False
+    cpu, cpu_now = versions.get("processor") or {}, processor()
+    return all(cpu.get(k) == cpu_now.get(k) for k in SAME_PROCESSOR)
+
+
+def _check(folder: Path, cfg: Any, prep: Any, base: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
+    """The summary of the run folder ``folder`` when it trained what ``cfg`` would train, else None (may raise on
+    unreadable files: the caller passes over the folder)."""
     from memlens.config import RunConfig
 
-    if folder.is_symlink() or not folder.is_dir():
+    if folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
         return None
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        other = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
-    except (OSError, ValueError, TypeError):  # not a run folder, or one of an older memlens
+    summary = json.loads((folder / "summary.json").read_text())
+    other = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    if summary.get("config_hash") != other.config_hash() or "reused_training" in summary:
         return None
-    if not isinstance(summary, dict) or summary.get("config_hash") != other.config_hash():
-        return None
-    if other.training_hash() != cfg.training_hash() or summary.get("manifest_hash") != manifest_hash:
+    if other.training_hash() != cfg.training_hash() or summary.get("manifest_hash") != prep.split.manifest["hash"]:
         return None
     if any(k in summary for k in ("dp", "early_stopping", "trajectory")):
         return None
-    needed = ("train_log.jsonl", "adapter/adapter_model.safetensors", "adapter/memlens_base.json")
-    if not all((folder / f).is_file() for f in needed):
+    if summary.get("model") != prep.lm.info or not _same_machine_kind(summary.get("versions") or {}):
+        return None
+    adapter = folder / "adapter"
+    files = [adapter, *(adapter / f for f in ("adapter_model.safetensors", "adapter_config.json",
+                                               "memlens_base.json")), folder / "train_log.jsonl"]
+    if any(f.is_symlink() for f in files) or not all(f.is_file() for f in files[1:]):
+        return None
+    if json.loads((adapter / "memlens_base.json").read_text()) != base:
+        return None
+    ac = json.loads((adapter / "adapter_config.json").read_text())
+    if (ac.get("r"), float(ac.get("lora_alpha")), sorted(ac.get("target_modules") or [])) != (
+            cfg.lora.rank, float(cfg.lora.effective_alpha), sorted(names)):
+        return None
+    if not float(summary["timings_s"]["train_s"]) > 0:
         return None
     return summary
 
@@ -59,32 +88,40 @@ def find_trained(cfg: Any, prep: Any) -> Any | None:
     :class:`memlens.finetune.Trained`; None when there is none (the caller then trains)."""
     from peft import PeftModel
 
-    from memlens.finetune import Trained, lora_scalings, trainable_by_target
-    from memlens.models import base_record, resolve_targets
+    from memlens.finetune import Trained, lora_scalings, run_name, trainable_by_target
+    from memlens.models import base_record, check_adapter_base, resolve_targets
 
     out = Path(cfg.output_dir)
-    if not out.is_dir():
-        return None
     target_map = resolve_targets(prep.lm.model, list(cfg.lora.targets))
+    names = [n for t in cfg.lora.targets for n in target_map[t]]
     base = base_record(prep.lm, target_map)
-    for folder in sorted(out.iterdir()):
-        summary = _candidate(folder, cfg, prep.split.manifest["hash"])
-        if summary is None:
+    own = run_name(cfg)
+    for folder in sorted(out.iterdir()) if out.is_dir() else []:
+        if folder.name == own:  # this run's own folder (being redone) is never its own source
             continue
-        recorded = json.loads((folder / "adapter" / "memlens_base.json").read_text())
-        if recorded.get("fingerprint") != base["fingerprint"]:
-            continue
+        try:
+            summary = _check(folder, cfg, prep, base, names)
+            if summary is None:
+                continue
+            rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line]
+            check_adapter_base(prep.lm, folder / "adapter")  # the tensors' shapes, before the base is touched
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError, MemlensError):
+            continue  # unreadable, being written, or of another memlens: not a source
         t = time.perf_counter()
-        model = PeftModel.from_pretrained(prep.lm.model, str(folder / "adapter"), is_trainable=True)
+        try:
+            model = PeftModel.from_pretrained(prep.lm.model, str(folder / "adapter"), is_trainable=True)
+        except Exception as e:  # the base model may be half-wrapped now: stop rather than train on it
+            raise MemlensError(f"{folder / 'adapter'}: passed every check but did not load ({e}); run without "
+                               "reuse_training") from None
         model.eval()
-        rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line]
-        seconds = float(summary["timings_s"]["train_s"])
         changed = any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
         log.info("training: reusing the adapter of %s (same training, run %s)", folder.name,
                  summary["config_hash"][:12])
         return Trained(model, rows, trainable_by_target(model, target_map), sorted(lora_scalings(model)),
-                       dict(target_map), changed, seconds, base,
+                       dict(target_map), changed, float(summary["timings_s"]["train_s"]), base,
                        reused_from={"run": folder.name, "run_id": summary["config_hash"],
+                                    "memlens_git": (summary.get("versions") or {}).get("memlens_git"),
                                     "load_s": round(time.perf_counter() - t, 3)})
-    log.info("training: no run in %s trained this adapter yet; training it", out)
+    log.warning("reuse_training: no run folder in %s trained this adapter (same training, base, versions and "
+                "processor kind); training it", out)
     return None
