@@ -20,6 +20,18 @@ def _brute_auc(y, s):
     return ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+def test_average_ranks_and_bootstrap_aucs_are_exact(n):
+    rng = np.random.default_rng(n)
+    y = np.r_[np.ones(max(n // 2, 1)), np.zeros(max(n - n // 2, 1))].astype(int)
+    for s in (rng.normal(size=n), rng.integers(0, 3, n).astype(float), np.zeros(n)):
+        assert np.array_equal(M._average_ranks(s), stats.rankdata(s))
+        s = np.resize(s, y.size)
+        idx = M._bootstrap_indices(y, 7, n)
+        want = [roc_auc_score(y[i], s[i]) if np.ptp(s[i]) else 0.5 for i in idx]  # sklearn, one replicate at a time
+        assert M._bootstrap_aucs(y, s, idx, rows=3) == pytest.approx(want, abs=1e-15)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_auc_and_roc_match_sklearn_and_a_brute_force_oracle(seed):
     y, s = _toy(seed)
@@ -166,7 +178,8 @@ def test_seed_record_bootstrap_covers_the_mean_over_seeds_where_records_alone_do
         y, runs = _seed_runs(rng, 6, mu, tau)
         r = M.seed_record_bootstrap(y, runs, n_boot=200, seed=s)
         two_level += r.lo <= truth <= r.hi
-        reps = [np.mean([M.auc(y[i], x[i]) for x in runs]) for i in M._bootstrap_indices(y, 200, s)]
+        idx = M._bootstrap_indices(y, 200, s)
+        reps = np.mean([M._bootstrap_aucs(y, x, idx) for x in runs], axis=0)
         lo, hi = np.quantile(reps, [0.025, 0.975])
         records_only += lo <= truth <= hi
     assert two_level / sims >= 0.8
