@@ -41,13 +41,12 @@ def test_an_audit_only_change_reuses_the_adapter_and_gives_the_numbers_of_traini
     assert again.run_id == fresh.run_id != first.run_id  # reuse_training is not part of the run id
     used = again.summary["reused_training"]
     assert used["run"] == "b-first" and used["run_id"] == first.run_id
-    assert used["train_s"] == first.summary["timings_s"]["train_s"] > 0
+    assert used["train_s"] == pytest.approx(first.summary["timings_s"]["train_s"], abs=1e-3) and used["train_s"] > 0
     assert "reused_training" not in fresh.summary
     assert again.summary["timings_s"]["train_s"] == 0.0
     for key in ("steps", "first_loss", "last_loss", "train_tokens", "trainable_params"):
         assert again.summary[key] == first.summary[key], key
-    # the earlier training's speed (from its clock as stored, to the millisecond)
-    assert again.summary["train_tokens_per_s"] == pytest.approx(first.summary["train_tokens_per_s"], rel=1e-3)
+    assert again.summary["train_tokens_per_s"] == pytest.approx(first.summary["train_tokens_per_s"], rel=1e-12)
     for key in ("steps", "first_loss", "last_loss", "train_tokens", "trainable_params"):
         assert again.summary[key] == fresh.summary[key], key
     assert _values(again.store, again.run_id) == _values(fresh.store, fresh.run_id) != []

@@ -117,8 +117,11 @@ def find_trained(cfg: Any, prep: Any) -> Any | None:
         changed = any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
         log.info("training: reusing the adapter of %s (same training, run %s)", folder.name,
                  summary["config_hash"][:12])
+        # the training's seconds as its speed was computed (summary.json's clock is rounded to the millisecond)
+        seconds = (float(summary["train_tokens"]) / float(summary["train_tokens_per_s"])
+                   if summary.get("train_tokens_per_s") else float(summary["timings_s"]["train_s"]))
         return Trained(model, rows, trainable_by_target(model, target_map), sorted(lora_scalings(model)),
-                       dict(target_map), changed, float(summary["timings_s"]["train_s"]), base,
+                       dict(target_map), changed, seconds, base,
                        reused_from={"run": folder.name, "run_id": summary["config_hash"],
                                     "memlens_git": (summary.get("versions") or {}).get("memlens_git"),
                                     "load_s": round(time.perf_counter() - t, 3)})
