@@ -13,7 +13,7 @@ complete, trained by itself (not reused), and trained on what this run would tra
 - its summary.json names the run id of its config.yaml, recomputed here (so its ``auto`` settings resolved as here);
 - the training hashes are equal, and so are the data manifests (the same corpus files and draw);
 - its summary describes this base model (source, identity, size) and its adapter's ``memlens_base.json`` this base's
-  targeted modules and weight fingerprint; its ``adapter_config.json`` has this run's rank, alpha and modules;
+  targeted modules and weight fingerprint; its tensors adapt this run's modules at its rank, with its alpha;
 - it was trained with the same memlens, torch, transformers and peft versions on the same kind of processor;
 - its training had no DP, early stopping or trajectory (their facts come from the training itself).
 
@@ -53,6 +53,8 @@ def _same_machine_kind(versions: dict[str, Any]) -> bool:
 def _check(folder: Path, cfg: Any, prep: Any, base: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
     """The summary of the run folder ``folder`` when it trained what ``cfg`` would train, else None (may raise on
     unreadable files: the caller passes over the folder)."""
+    from safetensors import safe_open
+
     from memlens.config import RunConfig
 
     if folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
@@ -75,8 +77,16 @@ def _check(folder: Path, cfg: Any, prep: Any, base: dict[str, Any], names: list[
     if json.loads((adapter / "memlens_base.json").read_text()) != base:
         return None
     ac = json.loads((adapter / "adapter_config.json").read_text())
-    if (ac.get("r"), float(ac.get("lora_alpha")), sorted(ac.get("target_modules") or [])) != (
-            cfg.lora.rank, float(cfg.lora.effective_alpha), sorted(names)):
+    if (float(ac.get("lora_alpha")), bool(ac.get("use_rslora"))) != (float(cfg.lora.effective_alpha),
+                                                                     cfg.lora.alpha_rule == "rslora"):
+        return None
+    # the modules and rank the tensors themselves adapt (peft shortens adapter_config.json's target_modules to
+    # suffixes from 20 modules on, so that list is not compared)
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    a_keys = {k: v for k, v in shapes.items() if k.startswith("base_model.model.") and k.endswith(".lora_A.weight")}
+    adapted = {k[len("base_model.model."): -len(".lora_A.weight")] for k in a_keys}
+    if adapted != set(names) or {v[0] for v in a_keys.values()} != {cfg.lora.rank}:
         return None
     if not float(summary["timings_s"]["train_s"]) > 0:
         return None
