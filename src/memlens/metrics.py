@@ -77,16 +77,23 @@ def hanley_mcneil_ci(auc_value: float, n_pos: int, n_neg: int, level: float = 0.
     return max(0.0, a - half), min(1.0, a + half)
 
 
-def _average_ranks(s: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their mean rank: scipy's ``rankdata(s)`` in plain numpy (scipy's wrapper costs
-    about 15 times the sort itself at the sizes of the bootstrap)."""
-    order = np.argsort(s, kind="stable")
-    ordered = s[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first position of each run of ties
-    ends = np.r_[starts[1:], s.size]  # one past its last
-    ranks = np.empty(s.size, dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
-    return ranks
+def _average_ranks(block: np.ndarray) -> np.ndarray:
+    """1-based ranks within each row of ``block`` (a vector is one row), ties sharing their mean rank: scipy's
+    ``rankdata(row)`` in plain numpy, many rows at once (scipy's wrapper costs about 15 times the sort itself at the
+    sizes of the bootstrap)."""
+    rows = np.atleast_2d(block)
+    pos = np.arange(rows.shape[1])
+    order = np.argsort(rows, axis=1, kind="stable")
+    ordered = np.take_along_axis(rows, order, 1)
+    first = np.ones(rows.shape, dtype=bool)  # first of its run of ties
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    last = np.ones(rows.shape, dtype=bool)
+    last[:, :-1] = first[:, 1:]
+    start = np.maximum.accumulate(np.where(first, pos, 0), axis=1)
+    end = np.minimum.accumulate(np.where(last, pos, pos[-1])[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty(rows.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (start + end) / 2 + 1, 1)
+    return ranks.reshape(np.shape(block))
 
 
 def _auc_from_ranks(y: np.ndarray, s: np.ndarray) -> float:
@@ -104,19 +111,8 @@ def _bootstrap_aucs(y: np.ndarray, s: np.ndarray, idx: np.ndarray, rows: int = 2
     n1 = int(y.sum())
     n0 = idx.shape[1] - n1
     out = np.empty(idx.shape[0], dtype=np.float64)
-    pos = np.arange(idx.shape[1])
     for b in range(0, idx.shape[0], rows):
-        block = s[idx[b : b + rows]]
-        order = np.argsort(block, axis=1, kind="stable")
-        ordered = np.take_along_axis(block, order, 1)
-        first = np.ones(block.shape, dtype=bool)  # first of its run of ties
-        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-        last = np.ones(block.shape, dtype=bool)
-        last[:, :-1] = first[:, 1:]
-        start = np.maximum.accumulate(np.where(first, pos, 0), axis=1)
-        end = np.minimum.accumulate(np.where(last, pos, pos[-1])[:, ::-1], axis=1)[:, ::-1]
-        ranks = np.empty(block.shape, dtype=np.float64)
-        np.put_along_axis(ranks, order, (start + end) / 2 + 1, 1)
+        ranks = _average_ranks(s[idx[b : b + rows]])
         out[b : b + rows] = (ranks[:, :n1].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
     return out
 
@@ -334,8 +330,7 @@ def seed_record_bootstrap(y_true, runs, others=None, metric: str = "auc", n_boot
         per_rep = ([np.array([f(y[i], run[i]) for run in g]) for g in groups] for i in idx)
     reps = np.array([replicate(v, True) for v in per_rep])
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    every = np.arange(y.size)
-    value = replicate([np.array([f(y[every], run[every]) for run in g]) for g in groups], False)
+    value = replicate([np.array([f(y, run) for run in g]) for g in groups], False)
     return SeedRecordInterval(metric, float(value), float(lo), float(hi), n_seeds,
                               int(y.sum()), int((y == 0).sum()), n_boot)
 
