@@ -61,6 +61,11 @@ def trainable_by_target(model: Any, target_map: dict[str, list[str]]) -> dict[st
     return out
 
 
+def adapter_changed(model: Any) -> bool:
+    """Whether any LoRA B matrix is non-zero (a fresh adapter's are zero: it is then the base model)."""
+    return any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def expected_lora_params(base_model: Any, target_map: dict[str, list[str]], rank: int) -> dict[str, int]:
     """r * (in + out) summed over the modules of each target: the count a LoRA adapter must have."""
     return {t: sum(rank * sum(module_shape(base_model, n)) for n in names) for t, names in target_map.items()}
@@ -450,7 +455,7 @@ def train(cfg: RunConfig, prep: Prepared, progress: bool = True, hooks: Sequence
     seconds = time.perf_counter() - t
     changed = None
     if cfg.train.method == "lora":
-        changed = any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+        changed = adapter_changed(model)
         if not changed:
             log.warning("the adapter's B matrices are still zero after training: it is identical to the base model")
     return Trained(model, rows, trainable, scalings, modules, changed, seconds, base, dp,

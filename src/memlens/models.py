@@ -486,18 +486,23 @@ def base_record(lm: LoadedModel, target_map: dict[str, list[str]]) -> dict[str, 
             "fingerprint": weight_fingerprint(lm.model, names)}
 
 
+def adapter_shapes(adapter_dir: Path) -> dict[str, list[int]]:
+    """The shape of every tensor of ``adapter_model.safetensors``, read from its header (nothing is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # a corrupt or truncated file
+        raise MemlensError(f"{adapter_dir}/adapter_model.safetensors: not a readable safetensors file ({e})") from None
+
+
 def check_adapter_base(lm: LoadedModel, adapter_dir: Path) -> None:
     """Refuse an adapter that was not trained on this base model: its LoRA matrices must fit the base's modules
     (read from the safetensors header, before anything is loaded), and when memlens trained it, the weight
     fingerprint it recorded must match."""
-    from safetensors import safe_open
-
     modules = dict(lm.model.named_modules())
-    try:
-        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # a corrupt or truncated file
-        raise MemlensError(f"{adapter_dir}/adapter_model.safetensors: not a readable safetensors file ({e})") from None
+    shapes = adapter_shapes(adapter_dir)
     for key, shape in shapes.items():
         m = re.match(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
         if not m:

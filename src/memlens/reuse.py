@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +41,32 @@ SAME_VERSIONS = ("memlens", "torch", "transformers", "peft")
 SAME_PROCESSOR = ("model", "family_model", "isa")
 
 
-def _same_machine_kind(versions: dict[str, Any]) -> bool:
-    from memlens.provenance import processor, versions as here
-
-    now = here()
+def _same_machine_kind(versions: dict[str, Any], now: dict[str, Any]) -> bool:
+    """``versions`` (a run's) names the same library versions and processor kind as ``now`` (this process's)."""
     if any(versions.get(k) != now.get(k) for k in SAME_VERSIONS):
         return False
-    cpu, cpu_now = versions.get("processor") or {}, processor()
+    cpu, cpu_now = versions.get("processor") or {}, now.get("processor") or {}
     return all(cpu.get(k) == cpu_now.get(k) for k in SAME_PROCESSOR)
 
 
-def _check(folder: Path, cfg: Any, prep: Any, base: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
-    """The summary of the run folder ``folder`` when it trained what ``cfg`` would train, else None (may raise on
-    unreadable files: the caller passes over the folder)."""
-    from safetensors import safe_open
+@dataclass(frozen=True)
+class _Wanted:
+    """What a source folder must match: this run's, computed once for every folder looked at."""
 
+    cfg: Any
+    training_hash: str
+    manifest_hash: str
+    model: dict[str, Any]
+    versions: dict[str, Any]
+    base: dict[str, Any]  # memlens_base.json of this base and these targets
+    names: set[str]  # the modules this run adapts
+
+
+def _check(folder: Path, want: _Wanted) -> dict[str, Any] | None:
+    """The summary of the run folder ``folder`` when it trained what this run would train, else None (may raise on
+    unreadable files: the caller passes over the folder)."""
     from memlens.config import RunConfig
+    from memlens.models import adapter_shapes
 
     if folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
         return None
@@ -63,30 +74,29 @@ def _check(folder: Path, cfg: Any, prep: Any, base: dict[str, Any], names: list[
     other = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
     if summary.get("config_hash") != other.config_hash() or "reused_training" in summary:
         return None
-    if other.training_hash() != cfg.training_hash() or summary.get("manifest_hash") != prep.split.manifest["hash"]:
+    if other.training_hash() != want.training_hash or summary.get("manifest_hash") != want.manifest_hash:
         return None
     if any(k in summary for k in ("dp", "early_stopping", "trajectory")):
         return None
-    if summary.get("model") != prep.lm.info or not _same_machine_kind(summary.get("versions") or {}):
+    if summary.get("model") != want.model or not _same_machine_kind(summary.get("versions") or {}, want.versions):
         return None
     adapter = folder / "adapter"
     files = [adapter, *(adapter / f for f in ("adapter_model.safetensors", "adapter_config.json",
                                                "memlens_base.json")), folder / "train_log.jsonl"]
     if any(f.is_symlink() for f in files) or not all(f.is_file() for f in files[1:]):
         return None
-    if json.loads((adapter / "memlens_base.json").read_text()) != base:
+    if json.loads((adapter / "memlens_base.json").read_text()) != want.base:
         return None
+    lora = want.cfg.lora
     ac = json.loads((adapter / "adapter_config.json").read_text())
-    if (float(ac.get("lora_alpha")), bool(ac.get("use_rslora"))) != (float(cfg.lora.effective_alpha),
-                                                                     cfg.lora.alpha_rule == "rslora"):
+    if (float(ac.get("lora_alpha")), bool(ac.get("use_rslora"))) != (float(lora.effective_alpha),
+                                                                     lora.alpha_rule == "rslora"):
         return None
     # the modules and rank the tensors themselves adapt (peft shortens adapter_config.json's target_modules to
     # suffixes from 20 modules on, so that list is not compared)
-    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
-        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    a_keys = {k: v for k, v in shapes.items() if k.startswith("base_model.model.") and k.endswith(".lora_A.weight")}
-    adapted = {k[len("base_model.model."): -len(".lora_A.weight")] for k in a_keys}
-    if adapted != set(names) or {v[0] for v in a_keys.values()} != {cfg.lora.rank}:
+    a_shapes = {k[len("base_model.model."): -len(".lora_A.weight")]: v for k, v in adapter_shapes(adapter).items()
+                if k.startswith("base_model.model.") and k.endswith(".lora_A.weight")}
+    if set(a_shapes) != want.names or {v[0] for v in a_shapes.values()} != {lora.rank}:
         return None
     if not float(summary["timings_s"]["train_s"]) > 0:
         return None
@@ -98,19 +108,20 @@ def find_trained(cfg: Any, prep: Any) -> Any | None:
     :class:`memlens.finetune.Trained`; None when there is none (the caller then trains)."""
     from peft import PeftModel
 
-    from memlens.finetune import Trained, lora_scalings, run_name, trainable_by_target
+    from memlens.finetune import Trained, adapter_changed, lora_scalings, run_name, trainable_by_target
     from memlens.models import base_record, check_adapter_base, resolve_targets
+    from memlens.provenance import versions
 
     out = Path(cfg.output_dir)
     target_map = resolve_targets(prep.lm.model, list(cfg.lora.targets))
-    names = [n for t in cfg.lora.targets for n in target_map[t]]
-    base = base_record(prep.lm, target_map)
+    want = _Wanted(cfg, cfg.training_hash(), prep.split.manifest["hash"], prep.lm.info, versions(),
+                   base_record(prep.lm, target_map), {n for names in target_map.values() for n in names})
     own = run_name(cfg)
     for folder in sorted(out.iterdir()) if out.is_dir() else []:
         if folder.name == own:  # this run's own folder (being redone) is never its own source
             continue
         try:
-            summary = _check(folder, cfg, prep, base, names)
+            summary = _check(folder, want)
             if summary is None:
                 continue
             rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line]
@@ -124,14 +135,14 @@ def find_trained(cfg: Any, prep: Any) -> Any | None:
             raise MemlensError(f"{folder / 'adapter'}: passed every check but did not load ({e}); run without "
                                "reuse_training") from None
         model.eval()
-        changed = any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+        changed = adapter_changed(model)
         log.info("training: reusing the adapter of %s (same training, run %s)", folder.name,
                  summary["config_hash"][:12])
         # the training's seconds as its speed was computed (summary.json's clock is rounded to the millisecond)
         seconds = (float(summary["train_tokens"]) / float(summary["train_tokens_per_s"])
                    if summary.get("train_tokens_per_s") else float(summary["timings_s"]["train_s"]))
         return Trained(model, rows, trainable_by_target(model, target_map), sorted(lora_scalings(model)),
-                       dict(target_map), changed, seconds, base,
+                       dict(target_map), changed, seconds, want.base,
                        reused_from={"run": folder.name, "run_id": summary["config_hash"],
                                     "memlens_git": (summary.get("versions") or {}).get("memlens_git"),
                                     "load_s": round(time.perf_counter() - t, 3)})
