@@ -102,3 +102,15 @@ def test_finetune_refuses_reuse_training(tmp_path):
     with pytest.raises(MemlensError, match="memlens finetune always trains"):
         finetune(load_config(None, [*BASE, "reuse_training=true", f"output_dir={tmp_path}"]), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_an_adapter_whose_modules_peft_wrote_as_suffixes_is_still_found(tmp_path, monkeypatch):
+    # peft writes adapter_config.json's target_modules as suffixes from 20 modules on (SmolLM2-135M's 30 q_proj become
+    # ["q_proj"]); the tiny model has 2 layers, so peft's threshold is lowered to make it do so here
+    monkeypatch.setattr("peft.tuners.tuners_utils.MIN_TARGET_MODULES_FOR_OPTIMIZATION", 2)
+    first = _run(tmp_path, "name=first", "lora.targets=[q,v]")
+    written = json.loads((first.run_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(written) == ["q_proj", "v_proj"]
+    again = _run(tmp_path, "lora.targets=[q,v]", "audit.ks=[0.3]", "reuse_training=true")
+    assert again.summary["reused_training"]["run"] == "first"
+    assert "reused_training" not in _run(tmp_path, "lora.targets=[q]", "reuse_training=true").summary

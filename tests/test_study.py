@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli, one_line_error
 
 from memlens.errors import MemlensError
 from memlens.study import load_study, plan, run_study, shipped_studies
@@ -138,3 +139,53 @@ def test_ray_executor_runs_a_tiny_study_on_a_local_cluster(tmp_path):
     assert _metrics(tmp_path / "ray.sqlite") == _metrics(tmp_path / "local.sqlite")
     conn = sqlite3.connect(tmp_path / "ray.sqlite")
     assert {r[0] for r in conn.execute("SELECT study FROM runs")} == {"t"}
+
+
+def _store_as_done(db: Path, study: str, run) -> None:
+    """Store a planned run the way a study stores it (config with its resolution, the data manifest)."""
+    from memlens import store as S
+    from memlens.data import load_corpus, make_split
+
+    cfg = run.config
+    conn = S.connect(db)
+    S.write_run(conn, {"run_id": run.run_id, "name": cfg.name, "study": study,
+                       "config": {**cfg.model_dump(mode="json"), "resolved": cfg.resolved()},
+                       "config_hash": run.run_id, "manifest_hash": make_split(load_corpus(cfg.data), cfg.data).manifest[
+                           "hash"], "versions": {}, "seed": cfg.train.seed, "timings": {}}, [], [], [], [])
+    conn.close()
+
+
+def test_resume_refuses_the_same_data_spelt_otherwise_and_data_that_changed(tmp_path, monkeypatch):
+    from memlens.study import check_resume
+
+    (tmp_path / "d").mkdir()
+    corpus = tmp_path / "d" / "c.jsonl"
+    corpus.write_text("".join(f'{{"text": "sentence number {i} of the corpus"}}\n' for i in range(40)))
+    st = load_study(_study(tmp_path))
+    sized = ["data.members.n=10", "data.nonmembers.n=10"]
+    runs = plan(st, None, [f"data.source=jsonl:{corpus}", *sized])
+    db = tmp_path / "s.sqlite"
+    _store_as_done(db, st.name, runs[0])
+    check_resume(st, runs, db)  # the same spelling: resumes
+    monkeypatch.chdir(tmp_path)
+    relative = plan(st, None, ["data.source=jsonl:d/c.jsonl", *sized])
+    assert relative[0].run_id != runs[0].run_id  # the path as written is part of the run id
+    before = db.read_bytes()
+    with pytest.raises(MemlensError, match="made with data.source=jsonl:/") as e:
+        check_resume(st, relative, db)
+    assert f"resume with data.source=jsonl:{corpus} " in str(e.value) and "jsonl:d/c.jsonl here" in str(e.value)
+    p = cli("study", str(_study(tmp_path)), "data.source=jsonl:d/c.jsonl", *sized, "--store", str(db), "--dry-run",
+            cwd=tmp_path)
+    one_line_error(p, f"resume with data.source=jsonl:{corpus}")
+    assert db.read_bytes() == before
+    # other data at another path are other runs: no objection
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "c.jsonl").write_text(corpus.read_text().replace("number 3 ", "number three "))
+    check_resume(st, plan(st, None, ["data.source=jsonl:e/c.jsonl", *sized]), db)
+    # the data changed under the stored run's path: refused, whichever spelling
+    corpus.write_text(corpus.read_text().replace("number 7 ", "number seven "))
+    with pytest.raises(MemlensError, match=f"run {runs[0].config.name} of study t was made on other data than "
+                       "data.source=jsonl:/"):
+        check_resume(st, runs, db)
+    # a store without runs of this study, or no store: nothing to check
+    check_resume(st, runs, tmp_path / "none.sqlite")
