@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import sqlite3
@@ -156,7 +157,7 @@ def _store_as_done(db: Path, study: str, run) -> None:
 
 
 def test_resume_refuses_the_same_data_spelt_otherwise_and_data_that_changed(tmp_path, monkeypatch):
-    from memlens.study import check_resume
+    from memlens.resume import check_resume
 
     (tmp_path / "d").mkdir()
     corpus = tmp_path / "d" / "c.jsonl"
@@ -166,13 +167,13 @@ def test_resume_refuses_the_same_data_spelt_otherwise_and_data_that_changed(tmp_
     runs = plan(st, None, [f"data.source=jsonl:{corpus}", *sized])
     db = tmp_path / "s.sqlite"
     _store_as_done(db, st.name, runs[0])
-    check_resume(st, runs, db)  # the same spelling: resumes
+    check_resume(st.name, runs, db)  # the same spelling: resumes
     monkeypatch.chdir(tmp_path)
     relative = plan(st, None, ["data.source=jsonl:d/c.jsonl", *sized])
     assert relative[0].run_id != runs[0].run_id  # the path as written is part of the run id
     before = db.read_bytes()
-    with pytest.raises(MemlensError, match="made with data.source=jsonl:/") as e:
-        check_resume(st, relative, db)
+    with pytest.raises(MemlensError, match="made with data.source jsonl:/") as e:
+        check_resume(st.name, relative, db)
     assert f"resume with data.source=jsonl:{corpus} " in str(e.value) and "jsonl:d/c.jsonl here" in str(e.value)
     p = cli("study", str(_study(tmp_path)), "data.source=jsonl:d/c.jsonl", *sized, "--store", str(db), "--dry-run",
             cwd=tmp_path)
@@ -181,11 +182,54 @@ def test_resume_refuses_the_same_data_spelt_otherwise_and_data_that_changed(tmp_
     # other data at another path are other runs: no objection
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "c.jsonl").write_text(corpus.read_text().replace("number 3 ", "number three "))
-    check_resume(st, plan(st, None, ["data.source=jsonl:e/c.jsonl", *sized]), db)
+    check_resume(st.name, plan(st, None, ["data.source=jsonl:e/c.jsonl", *sized]), db)
     # the data changed under the stored run's path: refused, whichever spelling
     corpus.write_text(corpus.read_text().replace("number 7 ", "number seven "))
-    with pytest.raises(MemlensError, match=f"run {runs[0].config.name} of study t was made on other data than "
-                       "data.source=jsonl:/"):
-        check_resume(st, runs, db)
+    with pytest.raises(MemlensError, match=f"run {runs[0].config.name} of study t is there, made on other data "
+                       "than data.source jsonl:/"):
+        check_resume(st.name, runs, db)
     # a store without runs of this study, or no store: nothing to check
-    check_resume(st, runs, tmp_path / "none.sqlite")
+    check_resume(st.name, runs, tmp_path / "none.sqlite")
+
+
+def test_resume_with_phee_spelt_otherwise_unset_or_unreadable(tmp_path, monkeypatch, phee_dir):
+    from memlens.resume import check_resume
+
+    folder = tmp_path / "phee"  # the first 40 sentences of each PHEE split
+    folder.mkdir()
+    for split in ("train", "dev", "test"):
+        lines = (phee_dir / f"{split}.json").read_text().splitlines()[:40]
+        (folder / f"{split}.json").write_text("\n".join(lines) + "\n")
+    st = load_study(_study(tmp_path))
+    sized = ["data.source=phee", "data.members.n=10", "data.nonmembers.n=10"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEMLENS_PHEE_DIR", str(folder))
+    unset = plan(st, None, sized)  # PHEE found through $MEMLENS_PHEE_DIR
+    db = tmp_path / "s.sqlite"
+    _store_as_done(db, st.name, unset[1])
+    with pytest.raises(MemlensError, match=r"made with data.path unset \(\$MEMLENS_PHEE_DIR or the cache\), the same "
+                       r"data as data.path phee here.*resume with data.path left out"):
+        check_resume(st.name, plan(st, None, [*sized, "data.path=phee"]), db)
+    # once a run of these is in the store, the same data spelt otherwise are an earlier mistake, not these runs
+    absolute = plan(st, None, [*sized, f"data.path={folder}"])
+    _store_as_done(db, st.name, absolute[0])
+    check_resume(st.name, absolute, db)
+    # stored runs this machine cannot resolve (CUDA, recorded or not) or not memlens configs are passed over
+    conn = sqlite3.connect(db)
+    cuda = {**unset[2].config.model_dump(mode="json"), "train": {**unset[2].config.train.model_dump(mode="json"),
+                                                                 "device": "cuda"}}
+    for rid, config in (("c1", {**cuda, "resolved": {"device": "cuda", "train_precision": "bfloat16",
+                                                      "audit_precision": "bfloat16"}}), ("c2", cuda), ("c3", [1, 2])):
+        conn.execute("INSERT INTO runs (run_id, study, config_json, manifest_hash) VALUES (?, 't', ?, 'x')",
+                     (rid, json.dumps(config)))
+    conn.commit()
+    conn.close()
+    check_resume(st.name, unset, tmp_path / "s.sqlite")
+    # data that cannot be read: a dry run lists the runs with a warning, a resume is refused before any work
+    monkeypatch.delenv("MEMLENS_PHEE_DIR")
+    p = cli("study", str(_study(tmp_path)), *sized, f"data.path={tmp_path / 'gone'}", "--store", str(db),
+            "--dry-run", cwd=tmp_path)
+    assert p.returncode == 0 and "were not checked against the data" in p.stderr + p.stdout, p.stderr
+    (folder / "train.json").rename(folder / "train.json.away")
+    with pytest.raises(MemlensError, match="cannot check its runs of study t against the data: .*train.json"):
+        check_resume(st.name, absolute, db)

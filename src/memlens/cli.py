@@ -320,7 +320,8 @@ def study(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run a study: every run of its sweep that is not yet in the store, each in its own process; resumable."""
-    from memlens.study import check_resume, done_runs, load_study, plan, run_study
+    from memlens.resume import check_resume
+    from memlens.study import done_runs, load_study, plan, run_study
 
     _setup_logging(quiet)
     if not (executor == "local" or executor == "ray" or executor.startswith("ray:")):
@@ -328,7 +329,7 @@ def study(
     st = load_study(study_ref)
     runs = plan(st, profile, overrides or [], output_dir)
     if dry_run:
-        check_resume(st, runs, store)
+        check_resume(st.name, runs, store, data_required=False)
         done = done_runs(store)
         t = Table(title=f"study {st.name} ({profile or 'base'}): {len(runs)} runs")
         for col in ("run", "settings", "done"):

@@ -430,10 +430,11 @@ class RunConfig(_Strict):
         d["resolved"].pop("audit_precision")
         return json_hash(d)
 
-    def hashed(self) -> dict[str, Any]:
-        """What the run id is the hash of."""
+    def hashed(self, resolved: dict[str, str] | None = None) -> dict[str, Any]:
+        """What the run id is the hash of (``resolved``: the resolution of ``auto`` settings a stored run recorded,
+        instead of this machine's)."""
         d = self.model_dump(mode="json")
-        d["resolved"] = self.resolved()
+        d["resolved"] = self.resolved() if resolved is None else resolved
         for k in ("name", "output_dir", "store", "reuse_training"):
             d.pop(k)
         # settings added later leave earlier run ids unchanged at their defaults

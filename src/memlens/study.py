@@ -23,7 +23,6 @@ to this process, which alone writes the store.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -240,102 +239,17 @@ def done_runs(db: Path) -> set[str]:
         conn.close()
 
 
-def _stored_runs(db: Path, study: str) -> dict[str, tuple[dict[str, Any], str]]:
-    """run id -> (stored config, data manifest hash) of the store's runs of this study."""
-    import json
-
-    from memlens import store as S
-
-    if not db.is_file():
-        return {}
-    conn = S.connect_readonly(db)
-    try:
-        rows = conn.execute("SELECT run_id, config_json, manifest_hash FROM runs WHERE study = ?", (study,)).fetchall()
-    finally:
-        conn.close()
-    return {rid: (json.loads(cfg), manifest) for rid, cfg, manifest in rows}
-
-
-def _where_data_lives(d: dict[str, Any]) -> tuple[str, str]:
-    """The fields of a hashed config that say where the data lives, not what they are: (name, value)."""
-    kind, _, path = d["data"]["source"].partition(":")
-    return ("data.source", d["data"]["source"]) if path else ("data.path", str(d["data"].get("path")))
-
-
-def _without_location(d: dict[str, Any]) -> str:
-    """The hash of a hashed config with where its data live left out (what stays is what the data are and how the
-    run uses them: the data themselves are compared by their manifest)."""
-    from memlens.provenance import json_hash
-
-    data = dict(d["data"], path=None, source=d["data"]["source"].partition(":")[0])
-    return json_hash({**d, "data": data})
-
-
-def check_resume(study: StudyConfig, runs: list[PlannedRun], db: Path) -> None:
-    """Before any work, what a resume could get silently wrong.
-
-    - A run of this study already in the store was made on other data than its data settings give now (the manifest,
-      which hashes the files and the drawn split, differs): resuming would put runs on two data sets into one study.
-    - Runs of this study in the store differ from runs planned now only in how the path of the same data is written
-      (``data.path=../shared/data/phee`` against ``/work/shared/data/phee``): the path as written is part of the run
-      id, so the study would silently start over.
-    Raises MemlensError naming the run, the field and both spellings; a store without runs of the study passes.
-    """
-    from memlens.data import load_corpus, make_split
-
-    stored = _stored_runs(db, study.name)
-    if not stored:
-        return
-    manifests: dict[str, str] = {}
-
-    def manifest(cfg: RunConfig, source: str | None = None) -> str:
-        """The manifest hash of cfg's data; ``source``: as if the source were written so (a JSONL or CSV corpus's
-        manifest names it)."""
-        key = cfg.data.model_dump_json() + str(source)
-        if key not in manifests:
-            corpus = load_corpus(cfg.data)
-            if source is not None:
-                corpus = dataclasses.replace(corpus, source=source)
-            manifests[key] = make_split(corpus, cfg.data).manifest["hash"]
-        return manifests[key]
-
-    for r in runs:
-        if r.run_id in stored and stored[r.run_id][1] != manifest(r.config):
-            field, where = _where_data_lives(r.config.hashed())
-            raise MemlensError(
-                f"store {db}: run {r.config.name} of study {study.name} was made on other data than {field}={where} "
-                "gives now (its data manifest differs: the files changed, or an older memlens wrote the run); "
-                "resuming would mix two data sets in one study: restore the data, or give another --store")
-    todo = {_without_location(r.config.hashed()): r for r in runs if r.run_id not in stored}
-    for cfg_json, stored_manifest in stored.values():
-        cfg_json = dict(cfg_json)
-        resolved = cfg_json.pop("resolved", None)
-        try:  # a run that an older memlens wrote may not validate any more: it cannot be one of these runs
-            d = RunConfig.model_validate(cfg_json).hashed()
-        except ValueError:
-            continue
-        if resolved is not None:
-            d["resolved"] = resolved
-        r = todo.get(_without_location(d))
-        if r is None or stored_manifest != manifest(r.config, d["data"]["source"]):
-            continue
-        field, was = _where_data_lives(d)
-        _, now = _where_data_lives(r.config.hashed())
-        raise MemlensError(
-            f"store {db}: its runs of study {study.name} were made with {field}={was}, the same data as {field}={now} "
-            f"here, but the path as written is part of the run id: this command would do them again; resume with "
-            f"{field}={was} (or give another --store)")
-
-
 def run_study(study: StudyConfig, runs: list[PlannedRun], db: Path, *, executor: str = "local",
               progress: bool = True, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> list[str]:
-    """Execute the runs not yet in the store (after :func:`check_resume`); returns the ids of those executed now."""
+    """Execute the runs not yet in the store (after :func:`memlens.resume.check_resume`); returns the ids of those
+    executed now."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
     from memlens.audit import store_record
+    from memlens.resume import check_resume
 
-    check_resume(study, runs, db)
+    check_resume(study.name, runs, db)
     done = done_runs(db)
     todo = [r for r in runs if r.run_id not in done]
     log.info("study %s: %d runs, %d already in %s, %d to do", study.name, len(runs), len(runs) - len(todo), db,
