@@ -285,3 +285,25 @@ def test_report_privacy_sections_trajectories_dp_frontier_and_factors(tmp_path):
     # every run is eligible at an unbounded perplexity: the least leaky one is named, with the runs it ties with
     best = min(pts, key=lambda p: p["auc"])
     assert "The least leakage at the utility asked for" in page and best["label"] in page
+
+
+def test_time_spent_sums_the_runs_clocks_by_phase():
+    from memlens.report.data import RunView
+    from memlens.report.timing import time_spent
+
+    cpu = {"torch": "2.13.0+cpu", "processor": {"model": "AMD EPYC", "family_model": "23/49", "torch_threads": 2}}
+    runs = [RunView("a", "a", "s", {}, {"timings_s": {"train_s": 3000.0, "score_ft_s": 600.0, "total_s": 3700.0},
+                                        "versions": cpu}),
+            RunView("b", "b", "s", {}, {"timings_s": {"train_s": 0.0, "reuse_s": 5.0, "score_ft_s": 400.0,
+                                                      "total_s": 500.0}, "versions": cpu,
+                                        "reused_training": {"run": "a"}}),
+            RunView("c", "c", "s", {}, {})]  # no clock: not counted
+    t = time_spent(runs)
+    assert t["n"] == 2 and t["reused"] == 1
+    assert t["hours"] == pytest.approx(4200 / 3600)
+    assert (t["median_min"], t["min_min"], t["max_min"]) == pytest.approx((35.0, 500 / 60, 3700 / 60))
+    assert [(p["phase"], p["hours"] * 3600) for p in t["phases"]] == [
+        ("train", pytest.approx(3000)), ("score_ft", pytest.approx(1000)), ("other", pytest.approx(200))]  # reuse: 5 s
+    assert sum(p["share"] for p in t["phases"]) == pytest.approx(1.0)
+    assert t["processors"] == ["AMD EPYC (23/49), 2 threads, torch 2.13.0+cpu"]
+    assert time_spent(runs[2:]) is None

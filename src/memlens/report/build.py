@@ -24,6 +24,7 @@ from memlens.report import leakage as LK
 from memlens.report import paper
 from memlens.report import privacy as PV
 from memlens.report import seeds as SD
+from memlens.report import timing
 
 TARGET_ORDER = {"Q": 0, "K": 1, "V": 2, "O": 3, "Q+K": 4, "Q+K+V+O": 5}
 
@@ -297,7 +298,8 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
         version=__version__, store=str(store), attack=attack, runs=runs, table=table, pairs=pairs,
         verdict=verdict_text(pairs), figures=figs, domain=domain, across=across,
         audits=[AT.attack_table(r) for r in runs[:30]], fprs=AT.FPRS, notes=notes, models=models, paper_source=paper.SOURCE,
-        fmt=_fmt, examples=examples, escape=html.escape, privacy=privacy, leakage=leakage)
+        fmt=_fmt, examples=examples, escape=html.escape, privacy=privacy, leakage=leakage,
+        spent=timing.time_spent(runs))
     path = out / "report.html"
     tmp = out / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")

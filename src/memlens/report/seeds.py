@@ -116,5 +116,6 @@ def run_rows(runs: list[D.RunView], attack: str) -> list[dict[str, Any]]:
                      "n_members": r.summary.get("n_members"), "n_nonmembers": r.summary.get("n_nonmembers"),
                      "auc": auc.get("value"), "auc_lo": auc.get("lo"), "auc_hi": auc.get("hi"),
                      "tpr1": tpr.get("value"), "tpr1_lo": tpr.get("lo"), "tpr1_hi": tpr.get("hi"),
-                     "heldout_ppl": r.summary.get("perplexity", {}).get("heldout_ft")})
+                     "heldout_ppl": r.summary.get("perplexity", {}).get("heldout_ft"),
+                     "wall_s": (r.summary.get("timings_s") or {}).get("total_s")})
     return rows
