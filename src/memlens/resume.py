@@ -78,7 +78,7 @@ def check_resume(study: str, runs: list[Any], db: Path, *, data_required: bool =
     if not stored:
         return
     try:
-        problem = _changed_data(study, runs, db, stored, _Manifests())
+        problem = _changed_data(study, runs, stored, _Manifests())
     except _DataUnreadable as e:
         if data_required:
             raise MemlensError(f"store {db}: cannot check its runs of study {study} against the data: {e}") from None
@@ -88,12 +88,12 @@ def check_resume(study: str, runs: list[Any], db: Path, *, data_required: bool =
         raise MemlensError(f"store {db}: {problem}")
 
 
-def _changed_data(study: str, runs: list[Any], db: Path, stored: list[_Stored], manifest: _Manifests) -> str | None:
+def _changed_data(study: str, runs: list[Any], stored: list[_Stored], manifest: _Manifests) -> str | None:
     by_id = {r.run_id: r for r in runs}
     for s in stored:
         r = by_id.get(s.run_id)
         if r is not None and s.manifest != manifest(r.config.data):
-            field, where, _ = _where_data_lives(r.config.hashed())
+            field, where, _ = _where_data_lives(r.config.data.model_dump(mode="json"))
             return (f"run {r.config.name} of study {study} is there, made on other data than {field} {where} gives "
                     "now (its data manifest differs: the files changed, or a memlens whose manifests differed wrote "
                     "it); resuming would mix two data sets in one study: give another --store, or restore the data")
@@ -109,8 +109,8 @@ def _changed_data(study: str, runs: list[Any], db: Path, stored: list[_Stored], 
         for r in todo.get(_without_location(d), []):
             if s.manifest != manifest(r.config.data, d["data"]["source"]):
                 continue  # other data: other runs
-            field, was, ask = _where_data_lives(d)
-            _, now, _ = _where_data_lives(r.config.hashed())
+            field, was, ask = _where_data_lives(d["data"])
+            _, now, _ = _where_data_lives(r.config.data.model_dump(mode="json"))
             if field == "data.path" and d["data"]["path"] is not None and not Path(d["data"]["path"]).is_absolute():
                 ask += " (relative to the folder the study ran in)"
             return (f"its runs of study {study} were made with {field} {was}, the same data as {field} {now} here, "
@@ -151,9 +151,9 @@ def _stored_hashed(cfg_json: Any) -> dict[str, Any] | None:
         return None
 
 
-def _where_data_lives(d: dict[str, Any]) -> tuple[str, str, str]:
-    """Where a hashed config's data live, not what they are: (field, value, how to ask for it)."""
-    source, path = d["data"]["source"], d["data"].get("path")
+def _where_data_lives(data: dict[str, Any]) -> tuple[str, str, str]:
+    """Where a config's data (its data section) live, not what they are: (field, value, how to ask for it)."""
+    source, path = data["source"], data.get("path")
     if ":" in source:
         return "data.source", source, f"data.source={source}"
     if path is None:

@@ -26,7 +26,8 @@ def time_spent(runs: list[D.RunView]) -> dict[str, Any] | None:
     for r in timed:
         for k, v in r.summary["timings_s"].items():
             if k != "total_s":
-                phases[k.removesuffix("_s")] = phases.get(k.removesuffix("_s"), 0.0) + float(v)
+                phase = k.removesuffix("_s")
+                phases[phase] = phases.get(phase, 0.0) + float(v)
     total = float(totals.sum())
     small = [k for k, v in phases.items() if v < SMALL * total]
     rest = total - sum(phases.values()) + sum(phases.pop(k) for k in small)  # unclocked time and the small phases
