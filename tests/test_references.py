@@ -87,11 +87,12 @@ def test_settings_at_their_defaults_leave_run_ids_unchanged():
     assert d["data"]["canary"].pop("one_run") is None
     from memlens.provenance import json_hash
 
-    for k in ("name", "output_dir", "store", "reuse_training"):  # never in a run id: they do not change results
+    for k in ("name", "output_dir", "store", "reuse_training", "training_state_minutes"):  # they change no result
         d.pop(k)
     d["resolved"] = load_config(None, ["model=tiny"]).resolved()
     assert a == json_hash(d)
     assert load_config(None, ["model=tiny", "reuse_training=true"]).config_hash() == a
+    assert load_config(None, ["model=tiny", "training_state_minutes=0"]).config_hash() == a
     assert load_config(None, ["model=tiny", "audit.references.count=2"]).config_hash() != a
     for on in ("audit.checkpoints.every=5", "audit.fields.n=8", "train.dp.epsilon=8", "train.early_stopping.patience=2",
                "data.canary.one_run.count=10"):

@@ -394,7 +394,9 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     The record is plain data, so a worker process or a Ray task can hand it back to the process that owns the store.
     ``overwrite``: replace this same run's folder if it exists (never another folder).
     """
-    from memlens.finetune import check_run_folder, prepare, run_name, train, train_summary, write_run_folder
+    from memlens.finetune import (check_run_folder, prepare, run_name, state_path, train, train_summary,
+                                  training_state, write_run_folder)
+    from memlens.training_state import discard
 
     from memlens.provenance import versions
 
@@ -441,7 +443,8 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
 
         tr = find_trained(cfg, prep)
     if tr is None:
-        tr = train(cfg, prep, progress, hooks=[trajectory] if trajectory is not None else [])
+        state = training_state(cfg, run_id, state_path(cfg), hooked=trajectory is not None)
+        tr = train(cfg, prep, progress, hooks=[trajectory] if trajectory is not None else [], state=state)
         timings["train_s"] = tr.seconds
     else:
         timings["train_s"] = 0.0
@@ -483,6 +486,7 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
     if tr.reused_from is not None:
         summary["reused_training"] = {**tr.reused_from, "train_s": round(tr.seconds, 3)}
     write_run_folder(run_dir, cfg, prep, tr, summary, overwrite=overwrite)
+    discard(state_path(cfg), run_id)  # its saved training (or one an earlier, interrupted try left), now kept
     run = {"run_id": run_id, "name": run_dir.name, "study": study,
            "config": {**cfg.model_dump(mode="json"), "resolved": cfg.resolved()},
            "config_hash": run_id, "manifest_hash": prep.split.manifest["hash"], "versions": summary["versions"],

@@ -364,6 +364,9 @@ class RunConfig(_Strict):
     store: str | None = Field(None, description="results store (SQLite); None = OUTPUT_DIR/memlens.sqlite")
     reuse_training: bool = Field(False, description="audit the adapter of an earlier run in OUTPUT_DIR whose training "
                                  "is this run's (memlens.reuse) instead of training again; not part of the run id")
+    training_state_minutes: float = Field(10.0, ge=0, description="save a LoRA training's state into OUTPUT_DIR "
+                                          "this often, so that a rerun of an interrupted run goes on from it "
+                                          "(memlens.training_state); 0 = never; not part of the run id")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -435,7 +438,7 @@ class RunConfig(_Strict):
         instead of this machine's)."""
         d = self.model_dump(mode="json")
         d["resolved"] = self.resolved() if resolved is None else resolved
-        for k in ("name", "output_dir", "store", "reuse_training"):
+        for k in ("name", "output_dir", "store", "reuse_training", "training_state_minutes"):
             d.pop(k)
         # settings added later leave earlier run ids unchanged at their defaults
         if d["train"].get("too_long") == "truncate":

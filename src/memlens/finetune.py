@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from memlens.config import LoraConfig, RunConfig, TrainConfig, dump_yaml
 from memlens.errors import MemlensError
 from memlens.models import LoadedModel, module_shape, resolve_targets
+from memlens.training_state import Position, TrainingState, discard
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,12 @@ def run_hooks(hooks: Sequence[Any], model: Any, step: int, total: int, epoch: fl
 
 
 def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int, progress: bool = True,
-               hooks: Sequence[Any] = ()) -> list[dict]:
+               hooks: Sequence[Any] = (), state: Any = None) -> list[dict]:
     """Train ``model`` in place on the token sequences; returns one log row per optimizer step.
 
     ``hooks``: objects with ``due(step, total)`` and ``__call__(model, step, epoch, rows) -> stop`` (see
-    :func:`run_hooks`); they run after the steps they are due at, and do not touch the training's random state."""
+    :func:`run_hooks`); they run after the steps they are due at, and do not touch the training's random state.
+    ``state``: a :class:`memlens.training_state.TrainingState` to go on from and to save into (not with hooks)."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
@@ -239,7 +241,8 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     from memlens.scoring import gpu_attention, pack_batch, pad_batch, to_device
 
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     if not params:
         raise MemlensError("nothing to train: the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -247,14 +250,20 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.schedule))
     gen = torch.Generator().manual_seed(cfg.seed)
     packed = cfg.packing and packing_works(model, seqs, pad_id)
+    if state is not None and hooks:
+        raise ValueError("a training with hooks cannot be saved and continued: their state is not in the file")
     model.train()
     rows: list[dict] = []
-    step, epoch, t0 = 0, 0, time.perf_counter()
+    step, epoch, first_group, t0 = 0, 0, 0, time.perf_counter()
+    at = state.restore(seqs, named, opt, sched, gen, total, device) if state is not None else None
+    if at is not None:
+        step, epoch, first_group, rows = at.step, at.epoch, at.group, at.rows
+        t0 -= at.elapsed_s
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar, gpu_attention(device), \
             frozen_linears_at(model, cfg.precision) as as_loaded:
-        task = bar.add_task("train", total=total, loss="-", tps="-")
+        task = bar.add_task("train", total=total, completed=step, loss="-", tps="-")
 
         def finish(row: dict) -> None:
             """Read a step's loss and gradient norm off the device. On a GPU this runs one step late, so a step's
@@ -269,11 +278,12 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
 
         pending = None  # on a GPU, the step before: read once this step's work is queued, so the GPU never waits
         while step < total:
+            epoch_rng = gen.get_state()  # what a saved state restores to redraw this epoch's batches
             batches = epoch_batches([len(s) for s in seqs], cfg.batch_size, cfg.batching, gen)
             # the loss's divisor: the step's own target count, or the epoch's mean per step (every token the same
             # weight whatever the length of its batch's sequences)
             per_step = sum(len(seqs[i]) - 1 for b in batches for i in b) / math.ceil(len(batches) / cfg.grad_accum)
-            for g in range(0, len(batches), cfg.grad_accum):
+            for g in range(first_group, len(batches), cfg.grad_accum):
                 if step >= total:
                     break
                 group = batches[g : g + cfg.grad_accum]
@@ -315,7 +325,13 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
                 if run_hooks(hooks, model, step, total, row["epoch"], rows, as_loaded):
                     log.info("training stopped after step %d of %d", step, total)
                     total = step
-            epoch += 1
+                if state is not None and (state.due() or step == total):
+                    if pending is not None:
+                        finish(pending)
+                        pending = None
+                    state.save(seqs, named, opt, sched, epoch_rng, total, device,
+                               Position(step, epoch, g + cfg.grad_accum, rows, rows[-1]["elapsed_s"]))
+            epoch, first_group = epoch + 1, 0
         if pending is not None:
             finish(pending)
     model.eval()
@@ -375,6 +391,7 @@ class Trained:
     dp: dict[str, Any] | None = None  # the privacy facts of a DP run (memlens.dp)
     early_stopping: dict[str, Any] | None = None
     reused_from: dict[str, Any] | None = None  # the earlier run whose adapter this is (memlens.reuse)
+    resumed_from_step: int | None = None  # the step an interrupted training went on from (memlens.training_state)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -413,9 +430,24 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(split, lm, train_ids, lm.pad_id, timings, corpus, valid_ids)
 
 
-def train(cfg: RunConfig, prep: Prepared, progress: bool = True, hooks: Sequence[Any] = ()) -> Trained:
+def training_state(cfg: RunConfig, key: str, path: Path, hooked: bool = False) -> TrainingState | None:
+    """The state file a LoRA training is saved into and continued from (``cfg.training_state_minutes``), None for
+    a training that is not saved (off, full fine-tuning, DP, or one with hooks)."""
+    if (cfg.training_state_minutes <= 0 or cfg.train.method != "lora" or cfg.train.dp is not None or hooked
+            or cfg.train.early_stopping is not None):
+        return None
+    return TrainingState(path, key, cfg.training_state_minutes * 60)
+
+
+def state_path(cfg: RunConfig) -> Path:
+    """Where the training of run ``cfg`` is saved while it trains: a dot-file in OUTPUT_DIR named by the run id."""
+    return Path(cfg.output_dir) / f".memlens-training-{cfg.config_hash()[:16]}.safetensors"
+
+
+def train(cfg: RunConfig, prep: Prepared, progress: bool = True, hooks: Sequence[Any] = (),
+          state: TrainingState | None = None) -> Trained:
     """Attach a fresh adapter (or unfreeze every weight) and train on the training list (``hooks``: see
-    :func:`train_loop`)."""
+    :func:`train_loop`; ``state``: see :func:`training_state`)."""
     import torch
 
     base = None
@@ -449,17 +481,18 @@ def train(cfg: RunConfig, prep: Prepared, progress: bool = True, hooks: Sequence
 
         rows, dp = dp_train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress, hooks)
     else:
-        rows = train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress, hooks=hooks)
+        rows = train_loop(model, prep.train_ids, cfg.train, prep.pad_id, progress, hooks=hooks, state=state)
     if stopper is not None:
         stopper.restore(model)
-    seconds = time.perf_counter() - t
+    seconds = time.perf_counter() - t + (state.earlier_s if state is not None else 0.0)
     changed = None
     if cfg.train.method == "lora":
         changed = adapter_changed(model)
         if not changed:
             log.warning("the adapter's B matrices are still zero after training: it is identical to the base model")
     return Trained(model, rows, trainable, scalings, modules, changed, seconds, base, dp,
-                   stopper.summary() if stopper is not None else None)
+                   stopper.summary() if stopper is not None else None,
+                   resumed_from_step=state.resumed_from if state is not None else None)
 
 
 def train_summary(cfg: RunConfig, prep: Prepared, tr: Trained) -> dict[str, Any]:
@@ -489,6 +522,7 @@ def train_summary(cfg: RunConfig, prep: Prepared, tr: Trained) -> dict[str, Any]
         "last_loss": next((r["loss"] for r in reversed(tr.rows) if r["loss"] is not None), None),
         **({"dp": tr.dp} if tr.dp is not None else {}),
         **({"early_stopping": tr.early_stopping} if tr.early_stopping is not None else {}),
+        **({"resumed_training_at_step": tr.resumed_from_step} if tr.resumed_from_step is not None else {}),
     }
 
 
@@ -541,7 +575,7 @@ def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     t = time.perf_counter()
     before = member_nll(prep.lm.model)
     timings["eval_before_s"] = time.perf_counter() - t
-    tr = train(cfg, prep, progress)
+    tr = train(cfg, prep, progress, state=training_state(cfg, cfg.config_hash(), state_path(cfg)))
     timings["train_s"] = tr.seconds
     t = time.perf_counter()
     after = member_nll(tr.model)
@@ -549,6 +583,7 @@ def finetune(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     summary = {"run": run_dir.name, **train_summary(cfg, prep, tr), "member_nll_before": before,
                "member_nll_after": after, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_run_folder(run_dir, cfg, prep, tr, summary, overwrite)
+    discard(state_path(cfg), cfg.config_hash())  # its saved training, now kept
     return FinetuneResult(run_dir, summary)
 
 

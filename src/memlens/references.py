@@ -151,14 +151,18 @@ def train_reference(lm: Any, cfg: RunConfig, spec: dict[str, Any], ref_hash: str
     """Train one reference adapter and keep it in the cache (all or nothing); returns the seconds it took, 0.0 when
     it was already there. The base model is left as it was found (the adapter is unloaded)."""
     from memlens.config import TrainConfig
-    from memlens.finetune import apply_lora, train_loop
+    from memlens.finetune import apply_lora, train_loop, training_state
+    from memlens.training_state import discard
 
     folder = reference_dir(ref_hash)
+    state_file = folder.parent / f".{folder.name}.training-state.safetensors"
     if (folder / "adapter_model.safetensors").is_file():
+        discard(state_file, ref_hash)  # left by a training that another audit finished
         return 0.0
     tcfg = TrainConfig.model_validate(spec["train"])
     seqs = lm.encode([r.text for r in records], tcfg.add_bos, tcfg.max_length, tcfg.too_long)
     t = time.perf_counter()
+    state = training_state(cfg.model_copy(update={"train": tcfg}), ref_hash, state_file)  # None for DP
     model, _ = apply_lora(lm, cfg.lora, tcfg.seed)
     try:
         if tcfg.dp is not None:
@@ -166,14 +170,15 @@ def train_reference(lm: Any, cfg: RunConfig, spec: dict[str, Any], ref_hash: str
 
             rows, _ = dp_train_loop(model, seqs, tcfg, lm.pad_id, progress)
         else:
-            rows = train_loop(model, seqs, tcfg, lm.pad_id, progress)
+            rows = train_loop(model, seqs, tcfg, lm.pad_id, progress, state=state)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             (tmp / "reference.json").write_text(json.dumps(
                 {"spec": spec, "hash": ref_hash, "records": len(records), "steps": len(rows),
-                 "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}, indent=1))
+                 "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+                 "resumed_at_step": state.resumed_from if state is not None else None}, indent=1))
             if folder.exists():  # a concurrent audit finished the same reference first: same weights
                 shutil.rmtree(tmp)
             else:
@@ -181,9 +186,10 @@ def train_reference(lm: Any, cfg: RunConfig, spec: dict[str, Any], ref_hash: str
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        discard(state_file, ref_hash)
     finally:
         model.unload()
-    return time.perf_counter() - t
+    return time.perf_counter() - t + (state.earlier_s if state is not None else 0.0)
 
 
 def encode(lm: Any, cfg: RunConfig, records: list[Record]) -> list[list[int]]:
