@@ -142,14 +142,47 @@ def test_a_damaged_state_of_this_training_is_not_taken_and_a_failed_save_does_no
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     damaged = {k: v for k, v in tensors.items() if not k.endswith(".exp_avg_sq")}  # a moment missing
-    for broken, why in [(damaged, "optimizer state"), ({**tensors, "rng.torch": tensors["rng.torch"][:10]}, "rng.torch")]:
-        save_file(broken, str(path), metadata=meta)
+    m = json.loads(meta["memlens"])
+
+    def edited(**fields):
+        return {"memlens": json.dumps({**m, **fields})}
+
+    groups = [{**m["opt_groups"][0], "params": m["opt_groups"][0]["params"][::-1]}]
+    for broken, why, metadata in [
+            (damaged, "optimizer state", meta),
+            ({**tensors, "rng.torch": tensors["rng.torch"][:10]}, "rng.torch", meta),
+            (tensors, "rows", edited(rows=[{}] * m["step"])),
+            (tensors, "optimizer groups", edited(opt_groups=groups)),
+            (tensors, "scheduler", edited(sched={"last_epoch": 3}))]:
+        save_file(broken, str(path), metadata=metadata)
         state = TrainingState(path, "run-a", every_s=1e9)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             again = _train(lm, seqs, cfg, state)
         assert state.resumed_from is None and f"damaged training state ({why}" in caplog.text
         _same(whole, again)
+    # AdamW keeps no state for a weight that has had no gradient yet: such a state is taken
+    kept = {k: v for k, v in tensors.items() if not k.startswith("opt.0.")}
+    save_file(kept, str(path), metadata=edited(opt_keys={k: v for k, v in m["opt_keys"].items() if k != "0"}))
+    state = TrainingState(path, "run-a", every_s=1e9)
+    _train(lm, seqs, cfg, state)
+    assert state.resumed_from == 4
+    # a save that fails while it writes (a full disk): a warning, training goes on, and no file is left behind
+    import memlens.training_state as T
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    path.unlink()
+    monkeypatch.setattr(T.os, "fsync", full)
+    state = TrainingState(path, "run-a", every_s=0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = _train(lm, seqs, cfg, state)
+    monkeypatch.undo()
+    assert "No space left" in caplog.text and caplog.text.count("could not be saved") == 1
+    assert list(tmp_path.iterdir()) == []
+    _same(whole, again)
     # a save that cannot be written: a warning, and the training's result is the one of a training never saved
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")

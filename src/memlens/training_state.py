@@ -12,8 +12,8 @@ AdamW's moments, which are averages of gradients on the training texts.
 
 A state file is taken only when it was saved by this same training (the run id, or the reference adapter's hash),
 on the same token sequences, with the same memlens commit, torch, transformers and peft, on the same kind of
-processor (and GPU) with the same number of threads, and every field and tensor in it is whole; otherwise training
-starts over with a warning, and the file is replaced at the first save. A file at the path that is not a memlens
+processor (and GPU) with the same number of threads, and when its fields and tensors pass the checks of
+:func:`_problem`; otherwise training starts over with a warning, and the file is replaced at the first save. A file at the path that is not a memlens
 state, or is another training's, is never replaced or deleted: the training then runs unsaved, with a warning that
 says so. A save that fails (a full disk) is a warning too: training goes on, unsaved. Trainings with hooks
 (trajectory checkpoints, early stopping) and DP trainings are not saved: their own state is not in the file.
@@ -105,42 +105,52 @@ class Position:
     elapsed_s: float
 
 
-def _problem(meta: dict[str, Any], tensors: dict[str, Any], params: dict[str, Any], opt: Any, gen: Any,
+ROW_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "sequences", "elapsed_s"}
+
+
+def _problem(meta: dict[str, Any], tensors: dict[str, Any], params: dict[str, Any], opt: Any, sched: Any, gen: Any,
              device: Any) -> str | None:
-    """What makes a state of this training's identity unusable (None: nothing): every field and tensor is checked
-    before anything is loaded."""
+    """What makes a state of this training's identity unusable (None: nothing), checked before anything is loaded:
+    the position, the log rows, every weight, moment and random state (shape and type), the optimizer's groups and
+    the scheduler's fields against the fresh ones here (all but the learning rate and the scheduler's counters)."""
     import torch
 
     ints = [meta.get(k) for k in ("step", "epoch", "group")]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
         return "step, epoch or group"
-    if not isinstance(meta.get("rows"), list) or len(meta["rows"]) != meta["step"] \
-            or not all(isinstance(r, dict) for r in meta["rows"]):
+    rows = meta.get("rows")
+    if not isinstance(rows, list) or len(rows) != meta["step"] or not all(
+            isinstance(r, dict) and set(r) == ROW_KEYS and r["step"] == i + 1 for i, r in enumerate(rows)):
         return "rows"
-    if not isinstance(meta.get("elapsed_s"), (int, float)):
+    if not isinstance(meta.get("elapsed_s"), (int, float)) or isinstance(meta["elapsed_s"], bool):
         return "elapsed_s"
     for n, p in params.items():
         t = tensors.get(f"param.{n}")
         if t is None or t.shape != p.shape or t.dtype != p.dtype:
             return f"weight {n}"
-    keys = meta.get("opt_keys")
-    if not isinstance(keys, dict) or sorted(keys) != sorted(str(i) for i in range(len(params))):
+    keys = meta.get("opt_keys")  # AdamW keeps a state only for the parameters that have had a gradient
+    if not isinstance(keys, dict) or not set(keys) <= {str(i) for i in range(len(params))}:
         return "optimizer state"
     for i, p in enumerate(params.values()):
-        if not isinstance(keys[str(i)], list) or not {"step", "exp_avg", "exp_avg_sq"} <= set(keys[str(i)]):
+        if str(i) not in keys:
+            continue
+        if not isinstance(keys[str(i)], list) or set(keys[str(i)]) != {"step", "exp_avg", "exp_avg_sq"}:
             return "optimizer state"
         for k in keys[str(i)]:
             t = tensors.get(f"opt.{i}.{k}")
             if t is None or (k == "step" and t.dim() != 0) or (k != "step" and (t.shape != p.shape
                                                                                 or t.dtype != p.dtype)):
                 return f"optimizer state of {k}"
+    fresh = json.loads(json.dumps(opt.state_dict()["param_groups"]))
     groups = meta.get("opt_groups")
-    if not isinstance(groups, list) or len(groups) != len(opt.param_groups) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(o["params"])
-            for g, o in zip(groups, opt.param_groups)):
+    if not isinstance(groups, list) or len(groups) != len(fresh) or not all(
+            isinstance(g, dict) and set(g) == set(f) and isinstance(g["lr"], (int, float))
+            and all(g[k] == f[k] for k in f if k != "lr") for g, f in zip(groups, fresh)):
         return "optimizer groups"
-    sched = meta.get("sched")
-    if not isinstance(sched, dict) or not isinstance(sched.get("last_epoch"), int) or "lr_lambdas" not in sched:
+    now = sched.state_dict()
+    saved = meta.get("sched")
+    if not isinstance(saved, dict) or set(saved) != set(now) or not isinstance(saved.get("last_epoch"), int) \
+            or saved.get("base_lrs") != now.get("base_lrs"):
         return "scheduler"
     rngs = {"rng.epoch": gen.get_state(), "rng.torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -200,7 +210,7 @@ class TrainingState:
             log.warning("%s: saved by this training under another set-up (differs in %s); training starts over",
                         self.path, ", ".join(diff) or "its format")
             return None
-        problem = _problem(meta, tensors, params, opt, gen, device)
+        problem = _problem(meta, tensors, params, opt, sched, gen, device)
         if problem is not None:
             log.warning("%s: a damaged training state (%s); training starts over", self.path, problem)
             return None
@@ -237,7 +247,7 @@ class TrainingState:
         the start of the epoch), atomically: a reader finds the last complete file or none. A failed write (a full
         disk) is a warning: the training goes on, unsaved."""
         import torch
-        from safetensors.torch import save_file
+        from safetensors.torch import save as serialized
 
         if not self.saving:
             return
@@ -255,13 +265,14 @@ class TrainingState:
         meta = {"identity": self._identity(seqs, params, total, device.type), "step": pos.step, "epoch": pos.epoch,
                 "group": pos.group, "rows": pos.rows, "elapsed_s": pos.elapsed_s, "opt_keys": opt_keys,
                 "opt_groups": sd["param_groups"], "sched": sched.state_dict()}
+        data = serialized(tensors, metadata={"memlens": json.dumps(meta)})
         tmp = None
-        try:
+        try:  # every write below is Python's own: a full disk or an unwritable folder is an OSError
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-")  # mode 0600
-            os.close(fd)
-            save_file(tensors, tmp, metadata={"memlens": json.dumps(meta)})
-            with open(tmp, "rb") as f:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except OSError as e:
