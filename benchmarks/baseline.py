@@ -44,12 +44,13 @@ def per_sample_stats(model: Any, seqs: list[list[int]], *, ks=(), min_k_pp: bool
 
 
 def trainer_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, progress: bool = False,
-                 tokenizer: Any = None, hooks: Any = ()) -> list[dict]:
+                 tokenizer: Any = None, hooks: Any = (), state: Any = None) -> list[dict]:
     """Train with the Hugging Face Trainer at the hyperparameters of ``cfg`` (a memlens TrainConfig); returns
     memlens-style log rows (step, loss, tokens = targets, sequences, elapsed_s). ``hooks`` (memlens's
-    checkpoints, early stopping) are not supported: the baseline's runs have none."""
-    if hooks:
-        raise ValueError("the Trainer baseline runs no memlens training hooks")
+    checkpoints, early stopping) and a saved ``state`` (memlens.training_state) are not supported: the baseline's
+    runs have none (BASELINE_SETTINGS turn the saving off)."""
+    if hooks or state is not None:
+        raise ValueError("the Trainer baseline runs no memlens training hooks and saves no training state")
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -134,4 +135,5 @@ def baseline_engine():
         A.cached_score, A.score, A.extract, F.train_loop = saved
 
 
-BASELINE_SETTINGS = ["train.precision=float32", "train.batching=random", "audit.precision=float32"]
+BASELINE_SETTINGS = ["train.precision=float32", "train.batching=random", "audit.precision=float32",
+                     "training_state_minutes=0"]
