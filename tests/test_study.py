@@ -233,3 +233,25 @@ def test_resume_with_phee_spelt_otherwise_unset_or_unreadable(tmp_path, monkeypa
     (folder / "train.json").rename(folder / "train.json.away")
     with pytest.raises(MemlensError, match="cannot check its runs of study t against the data: .*train.json"):
         check_resume(st.name, absolute, db)
+
+
+def test_a_study_says_when_a_runs_training_went_on_from_a_saved_state(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import memlens.study as S
+
+    runs = plan(load_study(_study(tmp_path)), None, [f"output_dir={tmp_path / 'runs'}"])[:2]
+    stored = []
+
+    def execute(todo, *a):  # two finished runs, the second's training continued from step 3 (memlens.training_state)
+        for r, resumed in zip(todo, (None, 3)):
+            summary = {"steps": 6, **({"resumed_training_at_step": resumed} if resumed is not None else {})}
+            yield {"run": {"run_id": r.run_id, "summary": summary}}
+
+    monkeypatch.setattr(S, "_execute", execute)
+    monkeypatch.setattr("memlens.audit.store_record", lambda db, record: stored.append(record))
+    with caplog.at_level(logging.INFO, logger="memlens.study"):
+        run_study(load_study(_study(tmp_path)), runs, tmp_path / "s.sqlite", progress=False)
+    assert len(stored) == 2
+    said = [m for m in caplog.messages if "went on" in m]
+    assert said == [f"run {runs[1].run_id[:12]}: its training went on from step 3 of 6, saved by an interrupted try"]

@@ -266,6 +266,10 @@ def run_study(study: StudyConfig, runs: list[PlannedRun], db: Path, *, executor:
                             "(results are the same for the same config and seed)", record["run"]["run_id"][:12])
             else:
                 store_record(db, record)
+            resumed = record["run"]["summary"].get("resumed_training_at_step")
+            if resumed is not None:
+                log.info("run %s: its training went on from step %d of %d, saved by an interrupted try",
+                         record["run"]["run_id"][:12], resumed, record["run"]["summary"]["steps"])
             executed.append(record["run"]["run_id"])
             bar.update(task, advance=1)
     return executed
