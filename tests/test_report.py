@@ -307,3 +307,9 @@ def test_time_spent_sums_the_runs_clocks_by_phase():
     assert sum(p["share"] for p in t["phases"]) == pytest.approx(1.0)
     assert t["processors"] == ["AMD EPYC (23/49), 2 threads, torch 2.13.0+cpu"]
     assert time_spent(runs[2:]) is None
+    # a run resumed from a saved training, stored with a clock of its last try only: taken as the sum of its phases
+    resumed = RunView("d", "d", "s", {}, {"timings_s": {"train_s": 3400.0, "score_ft_s": 290.0, "total_s": 1160.0},
+                                          "versions": cpu, "resumed_training_at_step": 70})
+    t = time_spent([runs[0], resumed])
+    assert t["resumed"] == 1 and t["hours"] == pytest.approx((3700 + 3690) / 3600)
+    assert sum(p["share"] for p in t["phases"]) == pytest.approx(1.0)

@@ -259,6 +259,8 @@ def test_an_interrupted_run_goes_on_where_its_training_stopped(tmp_path, monkeyp
     assert not list(cache.glob("references/.*.training-state.safetensors"))  # the references are in the cache
     again = run_config(c, progress=False)
     assert again.summary["resumed_training_at_step"] == 3 and "resumed_training_at_step" not in whole.summary
+    clock = again.summary["timings_s"]  # the earlier try's training is on the run's clock, in train_s and total_s
+    assert clock["total_s"] >= clock["train_s"] + clock["score_ft_s"] + clock["attacks_s"]
     assert not state_path(c).exists()  # removed once the run's folder is written
     for key in ("steps", "first_loss", "last_loss", "train_tokens"):
         assert again.summary[key] == whole.summary[key], key

@@ -437,7 +437,7 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
         pool = value_pool([r for recs in prep.corpus.splits.values() for r in recs], cfg.audit.fields.types)
         games = FieldGames.prepare(prep.lm, records, member, keep, pool, cfg.audit, cfg.train.add_bos,
                                    cfg.train.max_length, progress)
-    tr = None
+    tr, state = None, None
     if cfg.reuse_training:
         from memlens.reuse import find_trained
 
@@ -480,7 +480,8 @@ def compute_run(cfg: RunConfig, *, progress: bool = True, study: str | None = No
             "checkpoints": [p.step for p in trajectory.points],
             "threshold": trajectory.threshold_summary(cfg.audit.checkpoints.signal)}
     timings.update(out.timings)
-    timings["total_s"] = time.perf_counter() - t0
+    # a training that went on from a saved state: its clock, like train_s, counts the earlier try's training
+    timings["total_s"] = time.perf_counter() - t0 + (state.earlier_s if state is not None else 0.0)
     summary = {"run": run_dir.name, "run_dir": str(run_dir), **train_summary(cfg, prep, tr), **out.summary,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     if tr.reused_from is not None:

@@ -1,7 +1,10 @@
 """Where a study's time went: the runs' own clocks, summed by phase, and the processors they ran on.
 
 A run's clock is wall time: it counts any time the run's process was paused or shared its processor, so the sums
-are what the study took on the machines it ran on, an upper bound on its compute.
+are what the study took on the machines it ran on, an upper bound on its compute. A run whose training went on from
+a state saved by an interrupted try (memlens.training_state) counts that try's training up to the saved step, not
+its set-up or the steps it lost after the save; a resumed run's clock shorter than its training (stored before the
+clock counted the earlier try) is replaced by the sum of its phases.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ def time_spent(runs: list[D.RunView]) -> dict[str, Any] | None:
     timed = [r for r in runs if (r.summary.get("timings_s") or {}).get("total_s")]
     if not timed:
         return None
-    totals = np.array([float(r.summary["timings_s"]["total_s"]) for r in timed])
+    totals = np.array([_clock(r.summary) for r in timed])
     phases: dict[str, float] = {}
     for r in timed:
         for k, v in r.summary["timings_s"].items():
@@ -38,7 +41,17 @@ def time_spent(runs: list[D.RunView]) -> dict[str, Any] | None:
             "min_min": float(totals.min()) / 60, "max_min": float(totals.max()) / 60,
             "phases": [{"phase": k, "hours": v / 3600, "share": v / total}
                        for k, v in sorted(phases.items(), key=lambda kv: -kv[1]) if v > 0],
-            "reused": sum("reused_training" in r.summary for r in timed), "processors": processors}
+            "reused": sum("reused_training" in r.summary for r in timed),
+            "resumed": sum("resumed_training_at_step" in r.summary for r in timed), "processors": processors}
+
+
+def _clock(summary: dict[str, Any]) -> float:
+    """A run's wall time: its clock, or, for a resumed run whose clock is shorter than its training (stored before
+    the clock counted the earlier try), the sum of its phases."""
+    t = summary["timings_s"]
+    if "resumed_training_at_step" in summary and float(t["total_s"]) < float(t.get("train_s", 0.0)):
+        return sum(float(v) for k, v in t.items() if k != "total_s")
+    return float(t["total_s"])
 
 
 def _processor(versions: dict[str, Any]) -> str:
