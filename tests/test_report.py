@@ -312,4 +312,7 @@ def test_time_spent_sums_the_runs_clocks_by_phase():
                                           "versions": cpu, "resumed_training_at_step": 70})
     t = time_spent([runs[0], resumed])
     assert t["resumed"] == 1 and t["hours"] == pytest.approx((3700 + 3690) / 3600)
+    from memlens.report.timing import run_clock  # the same clock for runs.csv's wall_s
+
+    assert (run_clock(resumed.summary), run_clock(runs[0].summary), run_clock({})) == (3690.0, 3700.0, None)
     assert sum(p["share"] for p in t["phases"]) == pytest.approx(1.0)

@@ -13,15 +13,15 @@ AdamW's moments, which are averages of gradients on the training texts.
 A state file is taken only when it was saved by this same training (the run id, or the reference adapter's hash),
 on the same token sequences, with the same memlens commit, torch, transformers and peft, on the same kind of
 processor (and GPU) with the same number of threads, and when its fields and tensors pass the checks of
-:func:`_problem`; otherwise training starts over with a warning, and the file is replaced at the first save. A file at the path that is not a memlens
-state, or is another training's, is never replaced or deleted: the training then runs unsaved, with a warning that
-says so. A save that fails (a full disk) is a warning too: training goes on, unsaved. Trainings with hooks
-(trajectory checkpoints, early stopping) and DP trainings are not saved: their own state is not in the file.
+:func:`_problem`; otherwise training starts over with a warning, and the file is replaced at the first save. A file
+at the path that is not a memlens state, or is another training's, is never replaced or deleted: the training then
+runs unsaved, with a warning that says so. A save that fails (a full disk) is a warning too: training goes on,
+unsaved. Trainings with hooks (trajectory checkpoints, early stopping) and DP trainings are not saved: their own
+state is not in the file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from memlens.provenance import json_hash
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +52,6 @@ def stamp(device: str) -> dict[str, Any]:
 
         out["gpu"], out["cuda"] = torch.cuda.get_device_name(), torch.version.cuda
     return out
-
-
-def sequences_hash(seqs: list[list[int]]) -> str:
-    """A hash of the token sequences trained on (kept in the state file, which holds the adapter anyway)."""
-    h = hashlib.sha256()
-    for s in seqs:
-        h.update(len(s).to_bytes(4, "little"))
-        h.update(b"".join(int(t).to_bytes(4, "little") for t in s))
-    return h.hexdigest()
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -147,17 +140,17 @@ def _problem(meta: dict[str, Any], tensors: dict[str, Any], params: dict[str, An
             isinstance(g, dict) and set(g) == set(f) and isinstance(g["lr"], (int, float))
             and all(g[k] == f[k] for k in f if k != "lr") for g, f in zip(groups, fresh)):
         return "optimizer groups"
-    now = sched.state_dict()
+    fresh_sched = sched.state_dict()
     saved = meta.get("sched")
-    if not isinstance(saved, dict) or set(saved) != set(now) or not isinstance(saved.get("last_epoch"), int) \
-            or saved.get("base_lrs") != now.get("base_lrs"):
+    if not isinstance(saved, dict) or set(saved) != set(fresh_sched) or not isinstance(saved.get("last_epoch"), int) \
+            or saved.get("base_lrs") != fresh_sched.get("base_lrs"):
         return "scheduler"
     rngs = {"rng.epoch": gen.get_state(), "rng.torch": torch.get_rng_state()}
     if device.type == "cuda":
         rngs["rng.cuda"] = torch.cuda.get_rng_state(device)
-    for k, now in rngs.items():
+    for k, here in rngs.items():
         t = tensors.get(k)
-        if t is None or t.dtype != torch.uint8 or t.shape != now.shape:
+        if t is None or t.dtype != torch.uint8 or t.shape != here.shape:
             return k
     return None
 
@@ -176,7 +169,7 @@ class TrainingState:
 
     def _identity(self, seqs: list[list[int]], params: dict[str, Any], total: int, device: str) -> dict[str, Any]:
         if self._now is None:
-            self._now = {"format": FORMAT, "key": self.key, "sequences": sequences_hash(seqs), "total_steps": total,
+            self._now = {"format": FORMAT, "key": self.key, "sequences": json_hash(seqs), "total_steps": total,
                          "params": {n: list(p.shape) for n, p in params.items()}, "stamp": stamp(device)}
         return self._now
 

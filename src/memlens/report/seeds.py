@@ -18,6 +18,7 @@ import numpy as np
 
 from memlens import metrics as M
 from memlens.report import data as D
+from memlens.report.timing import run_clock
 
 PAIRS = (("V", "Q"), ("V", "K"), ("O", "Q"), ("O", "K"))
 TPR_AT = 0.01
@@ -117,5 +118,5 @@ def run_rows(runs: list[D.RunView], attack: str) -> list[dict[str, Any]]:
                      "auc": auc.get("value"), "auc_lo": auc.get("lo"), "auc_hi": auc.get("hi"),
                      "tpr1": tpr.get("value"), "tpr1_lo": tpr.get("lo"), "tpr1_hi": tpr.get("hi"),
                      "heldout_ppl": r.summary.get("perplexity", {}).get("heldout_ft"),
-                     "wall_s": (r.summary.get("timings_s") or {}).get("total_s")})
+                     "wall_s": run_clock(r.summary)})
     return rows

@@ -24,7 +24,7 @@ def time_spent(runs: list[D.RunView]) -> dict[str, Any] | None:
     timed = [r for r in runs if (r.summary.get("timings_s") or {}).get("total_s")]
     if not timed:
         return None
-    totals = np.array([_clock(r.summary) for r in timed])
+    totals = np.array([run_clock(r.summary) for r in timed])
     phases: dict[str, float] = {}
     for r in timed:
         for k, v in r.summary["timings_s"].items():
@@ -45,10 +45,12 @@ def time_spent(runs: list[D.RunView]) -> dict[str, Any] | None:
             "resumed": sum("resumed_training_at_step" in r.summary for r in timed), "processors": processors}
 
 
-def _clock(summary: dict[str, Any]) -> float:
+def run_clock(summary: dict[str, Any]) -> float | None:
     """A run's wall time: its clock, or, for a resumed run whose clock is shorter than its training (stored before
-    the clock counted the earlier try), the sum of its phases."""
-    t = summary["timings_s"]
+    the clock counted the earlier try), the sum of its phases; None without a clock."""
+    t = summary.get("timings_s") or {}
+    if t.get("total_s") is None:
+        return None
     if "resumed_training_at_step" in summary and float(t["total_s"]) < float(t.get("train_s", 0.0)):
         return sum(float(v) for k, v in t.items() if k != "total_s")
     return float(t["total_s"])
