@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,11 +45,19 @@ def per_sample_stats(model: Any, seqs: list[list[int]], *, ks=(), min_k_pp: bool
 
 
 def trainer_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, progress: bool = False,
-                 tokenizer: Any = None, hooks: Any = (), state: Any = None) -> list[dict]:
+                 tokenizer: Any = None, hooks: Any = (), state: Any = None, checkpoints: Path | None = None,
+                 save_steps: int = 50) -> list[dict]:
     """Train with the Hugging Face Trainer at the hyperparameters of ``cfg`` (a memlens TrainConfig); returns
     memlens-style log rows (step, loss, tokens = targets, sequences, elapsed_s). ``hooks`` (memlens's
     checkpoints, early stopping) and a saved ``state`` (memlens.training_state) are not supported: the baseline's
-    runs have none (BASELINE_SETTINGS turn the saving off)."""
+    runs have none (BASELINE_SETTINGS turn the saving off).
+
+    ``checkpoints``: a folder for the Trainer's own checkpoints (every ``save_steps`` steps, the last one kept), for a
+    long run that must survive an interruption (benchmarks/fit.py). A rerun with the same folder goes on from its
+    last checkpoint (``Trainer.train(resume_from_checkpoint=...)``: weights, optimizer, scheduler, random states,
+    and the batches of the current epoch skipped); the rows are then those of this try only, their first step after
+    the checkpoint's, their clock from this try's start. Give a folder for one training: the caller checks that a
+    checkpoint there is this training's."""
     if hooks or state is not None:
         raise ValueError("the Trainer baseline runs no memlens training hooks and saves no training state")
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
@@ -80,24 +89,35 @@ def trainer_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, progr
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
 
+    saving = ({"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1} if checkpoints is not None
+              else {"save_strategy": "no"})
     args = TrainingArguments(
-        output_dir="/tmp/memlens-bench-trainer", per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(checkpoints or "/tmp/memlens-bench-trainer"), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
         lr_scheduler_type={"constant": "constant_with_warmup"}.get(cfg.schedule, cfg.schedule), weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or 0.0,
-        max_steps=total, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+        max_steps=total, logging_steps=1, report_to=[], disable_tqdm=True, **saving,
         use_cpu=not torch.cuda.is_available(), seed=cfg.seed, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": s} for s in seqs], data_collator=counting,
                       callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)  # keep stdout for the benchmark's JSON line
+    last = None
+    if checkpoints is not None and Path(checkpoints).is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(checkpoints))
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    first = total - len(stamps)  # the steps an earlier try made (0 without a checkpoint)
+    if len(losses) != total or len(fed) < len(stamps) * cfg.grad_accum:  # (one batch more may be fetched ahead)
+        raise RuntimeError(f"the Trainer logged {len(losses)} losses and fed {len(fed)} batches in {len(stamps)} "
+                           f"steps of {total}: its log does not match the steps")
     rows = []
-    for step in range(total):
-        micro = fed[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
+    for i, step in enumerate(range(first, total)):
+        micro = fed[i * cfg.grad_accum : (i + 1) * cfg.grad_accum]
         n_fed, n_seq = sum(m[0] for m in micro), sum(m[1] for m in micro)
         rows.append({"step": step + 1, "loss": losses[step], "tokens": n_fed - n_seq, "sequences": n_seq,
-                     "elapsed_s": stamps[step] - t0})
+                     "elapsed_s": stamps[i] - t0})
     model.eval()
     return rows
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from memlens.models import build_tiny
 from memlens.scoring import score
@@ -75,3 +76,47 @@ def test_bench_rewrites_its_own_block_and_keeps_the_rest_of_the_page():
     assert new == f"# Performance\n\n{BEGIN}\nnew figures\n{END}\n\n## Memory\nkept by hand\n"
     # a page without the markers keeps all it had, the figures below it
     assert place_block("# Notes\nmine\n", ["x"]) == f"# Notes\nmine\n\n{BEGIN}\nx\n{END}\n"
+
+
+def test_trainer_baseline_interrupted_goes_on_from_its_checkpoint_to_the_same_adapter(tmp_path, monkeypatch):
+    """benchmarks/fit.py's Trainer runs survive a kill: a rerun with the same checkpoint folder ends with the adapter,
+    losses and batches of a training never interrupted."""
+    import memlens.scoring as S
+    from baseline import trainer_loop
+
+    from memlens.config import LoraConfig, TrainConfig
+    from memlens.finetune import apply_lora
+
+    lm = build_tiny()
+    seqs = lm.encode(TEXTS * 3)  # 12 texts: batches of 4, 3 per epoch, 10 steps over 4 epochs
+    cfg = TrainConfig(max_steps=10, batch_size=4, lr=1e-2, warmup_steps=2, seed=3, precision="float32",
+                      batching="random")
+
+    def trained(folder):
+        model, _ = apply_lora(build_tiny(), LoraConfig(targets=["q", "v"], rank=2, dropout=0.1), seed=3)
+        rows = trainer_loop(model, seqs, cfg, lm.pad_id, checkpoints=folder, save_steps=4)
+        return rows, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    whole_rows, whole = trained(None)
+    real, calls = S.pad_batch, []
+
+    def dying(*a, **k):  # the kill: while the 7th step's batch is made, after the checkpoint of step 4
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "pad_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        trained(tmp_path / "ckpt")
+    monkeypatch.setattr(S, "pad_batch", real)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["checkpoint-4"]
+    rows, resumed = trained(tmp_path / "ckpt")
+    assert [r["step"] for r in rows] == list(range(5, 11))  # this try's steps only
+    for r, w in zip(rows, whole_rows[4:]):
+        assert (r["tokens"], r["sequences"]) == (w["tokens"], w["sequences"])  # the same batches
+        assert r["loss"] == pytest.approx(w["loss"], rel=1e-5)
+    assert resumed.keys() == whole.keys() and len(whole) == 2 * 2 * lm.model.config.num_hidden_layers
+    for k in whole:
+        assert torch.allclose(resumed[k], whole[k], atol=1e-6), k
+    assert all(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k)  # trained: B starts at zero
