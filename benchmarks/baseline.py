@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,13 @@ def trainer_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, progr
     checkpoints, early stopping) and a saved ``state`` (memlens.training_state) are not supported: the baseline's
     runs have none (BASELINE_SETTINGS turn the saving off).
 
-    ``checkpoints``: a folder for the Trainer's own checkpoints (every ``save_steps`` steps, the last one kept), for a
-    long run that must survive an interruption (benchmarks/fit.py). A rerun with the same folder goes on from its
-    last checkpoint (``Trainer.train(resume_from_checkpoint=...)``: weights, optimizer, scheduler, random states,
-    and the batches of the current epoch skipped); the rows are then those of this try only, their first step after
-    the checkpoint's, their clock from this try's start. Give a folder for one training: the caller checks that a
-    checkpoint there is this training's."""
+    ``checkpoints``: a folder for the Trainer's own checkpoints (every ``save_steps`` steps and at the last step, the
+    newest one kept), for a long run that must survive an interruption (benchmarks/fit.py). A rerun with the same
+    folder goes on from its newest complete checkpoint (``Trainer.train(resume_from_checkpoint=...)``: weights,
+    optimizer, scheduler, random states, and the batches of the current epoch skipped); the rows are then those of
+    this try only, their first step after the checkpoint's, their clock from this try's start. A checkpoint of the
+    last step (a run killed after training) gives the trained adapter and no rows. Give a folder for one training:
+    the caller checks that a checkpoint there is this training's."""
     if hooks or state is not None:
         raise ValueError("the Trainer baseline runs no memlens training hooks and saves no training state")
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
@@ -66,6 +68,14 @@ def trainer_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, progr
     from memlens.finetune import plan_steps
 
     _, total = plan_steps(len(seqs), cfg)
+    last = newest_checkpoint(Path(checkpoints)) if checkpoints is not None else None
+    if last is not None and json.loads((last / "trainer_state.json").read_text())["global_step"] >= total:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(last / "adapter_model.safetensors")))
+        model.eval()
+        return []  # trained to the end by an earlier try
     if tokenizer is not None:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -76,18 +86,22 @@ def trainer_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, progr
         def collator(features):
             ids, mask, labels = pad_batch([f["input_ids"] for f in features], pad_id)
             return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    # what each step trained on, counted as the model sees it (the data loader fetches a batch ahead, and an epoch's
+    # last step may have fewer than grad_accum micro-batches): (tokens, sequences) per forward, step ends in `ends`
     fed: list[tuple[int, int]] = []
-
-    def counting(features):
-        batch = collator(features)
-        fed.append((int(batch["attention_mask"].sum()), len(features)))
-        return batch
-
+    ends: list[int] = []
     stamps: list[float] = []
+
+    def seen(module, args, kwargs):
+        if module.training:
+            mask = kwargs["attention_mask"]
+            fed.append((int(mask.sum()), int(mask.shape[0])))
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
+            ends.append(len(fed))
 
     saving = ({"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1} if checkpoints is not None
               else {"save_strategy": "no"})
@@ -97,29 +111,35 @@ def trainer_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, progr
         lr_scheduler_type={"constant": "constant_with_warmup"}.get(cfg.schedule, cfg.schedule), weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or 0.0,
         max_steps=total, logging_steps=1, report_to=[], disable_tqdm=True, **saving,
         use_cpu=not torch.cuda.is_available(), seed=cfg.seed, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": s} for s in seqs], data_collator=counting,
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": s} for s in seqs], data_collator=collator,
                       callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)  # keep stdout for the benchmark's JSON line
-    last = None
-    if checkpoints is not None and Path(checkpoints).is_dir():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(checkpoints))
+    hook = model.register_forward_pre_hook(seen, with_kwargs=True)
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+    finally:
+        hook.remove()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     first = total - len(stamps)  # the steps an earlier try made (0 without a checkpoint)
-    if len(losses) != total or len(fed) < len(stamps) * cfg.grad_accum:  # (one batch more may be fetched ahead)
-        raise RuntimeError(f"the Trainer logged {len(losses)} losses and fed {len(fed)} batches in {len(stamps)} "
-                           f"steps of {total}: its log does not match the steps")
+    if len(losses) != total or (ends and ends[-1] != len(fed)):
+        raise RuntimeError(f"the Trainer logged {len(losses)} losses in {len(stamps)} steps of {total} (and "
+                           f"{len(fed)} forwards): its log does not match the steps")
     rows = []
     for i, step in enumerate(range(first, total)):
-        micro = fed[i * cfg.grad_accum : (i + 1) * cfg.grad_accum]
+        micro = fed[(ends[i - 1] if i else 0) : ends[i]]
         n_fed, n_seq = sum(m[0] for m in micro), sum(m[1] for m in micro)
         rows.append({"step": step + 1, "loss": losses[step], "tokens": n_fed - n_seq, "sequences": n_seq,
                      "elapsed_s": stamps[i] - t0})
     model.eval()
     return rows
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The Trainer's newest complete checkpoint in ``folder`` (``checkpoint-N`` with its ``trainer_state.json``, which
+    the Trainer writes last): a save cut short by a kill is passed over."""
+    done = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name[11:]), default=None)
 
 
 def one_prefix_at_a_time(extract_fn):

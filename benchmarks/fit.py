@@ -11,17 +11,20 @@ min(20, steps / 4). With ``full`` instead of a step count: the full-PHEE configu
 (every PHEE train sentence for 3 epochs, the test split held out; warm-up 20 steps). Prints one JSON line per run:
 the mean NLL (nats per token, scored in float32) on the training texts and on the held-out texts after training,
 and the training's tokens per second. Slow in float32 (minutes a run on 2 cores; ``full``: about half an hour a
-Trainer run on an AMX Xeon, about an hour on an AVX2 EPYC).
+Trainer run on an AMX Xeon, longer in float32 on an AVX2 EPYC).
 
-``--state DIR`` (first, before the step count) makes each run survive an interruption: memlens's runs save their
-state there (memlens.training_state, every 10 minutes), the Trainer's runs their own checkpoints (every 50 steps, the
-last kept, in a folder of their own with the set-up they were made under); a rerun with the same DIR goes on from
-them, and a finished run removes what it saved. A run that went on from an earlier try says so
-(``resumed_at_step``); its ``tok_s`` counts this try's steps only, ``train_s`` this process's time.
+``--state DIR`` makes each run survive an interruption: memlens's runs save their state there
+(memlens.training_state, every 10 minutes and at the end), the Trainer's runs their own checkpoints (every 50 steps
+and at the end, the newest kept, in a folder of their own with the set-up they were made under); a rerun with the same
+DIR goes on from them (from scratch if the code, versions or set-up changed in between), and a finished run removes
+what it saved once its line is out. A run that went on from an earlier try says so (``resumed_at_step``); its
+``tok_s`` counts this try's steps only (null when it made no more than bench.SKIP steps, as after a kill between the
+end of training and the line), ``train_s`` this process's time; both include the saves' cost.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -30,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SAVE_STEPS = 50  # the Trainer's checkpoints under --state (memlens's own runs save every 10 minutes)
 
 
 def settings(name: str) -> dict:
@@ -48,16 +53,21 @@ def main() -> None:
     from memlens.config import LoraConfig, TrainConfig
     from memlens.finetune import apply_lora, plan_steps, train_loop
     from memlens.models import load_model
+    from memlens.provenance import json_hash
     from memlens.scoring import score
     from memlens.training_state import TrainingState, discard
 
-    argv = sys.argv[1:]
-    state_dir = None
-    if argv[:1] == ["--state"]:
-        state_dir, argv = Path(argv[1]), argv[2:]
-        state_dir.mkdir(parents=True, exist_ok=True)
-    full = argv[0] == "full"
-    steps, runs = (None if full else int(argv[0])), argv[1:]
+    parser = argparse.ArgumentParser(description="memlens's training loop against the Trainer: how well each fits")
+    parser.add_argument("steps", help="a step count, or 'full' for the full-PHEE configuration")
+    parser.add_argument("runs", nargs="+", metavar="SETTINGS:SEED")
+    parser.add_argument("--state", type=Path, metavar="DIR", help="save each run as it trains, go on from there")
+    a = parser.parse_args()
+    full = a.steps == "full"
+    if not full and not a.steps.isdigit():
+        parser.error(f"steps: {a.steps!r} is neither a step count nor 'full'")
+    steps, runs, state_dir = (None if full else int(a.steps)), a.runs, a.state
+    if state_dir is not None:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if full:
         train, held = bench.phee_train_heldout()
     else:
@@ -67,17 +77,21 @@ def main() -> None:
         name, seed = run.rsplit(":", 1)
         lm = load_model("smollm2-135m")
         seqs = lm.encode(train)
-        model, _ = apply_lora(lm, LoraConfig(targets=["q", "k", "v", "o"], rank=8), seed=int(seed))
+        lora = LoraConfig(targets=["q", "k", "v", "o"], rank=8)
+        model, _ = apply_lora(lm, lora, seed=int(seed))
         cfg = TrainConfig(max_steps=steps, epochs=3.0, batch_size=16, lr=1e-3,
                           warmup_steps=20 if full else min(20, steps // 4), seed=int(seed), **settings(name))
         t = time.perf_counter()
-        tag = f"{name}-seed{seed}-{argv[0]}"
+        tag = f"{name}-seed{seed}-{a.steps}"
+        setup = {"model": "smollm2-135m", "lora": lora.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
         if name == "trainer":
-            folder = None if state_dir is None else checkpoint_folder(state_dir / tag, seqs, cfg)
-            rows = trainer_loop(model, seqs, cfg, lm.pad_id, tokenizer=lm.tokenizer, checkpoints=folder)
+            folder = None if state_dir is None else checkpoint_folder(state_dir / tag, seqs, setup)
+            rows = trainer_loop(model, seqs, cfg, lm.pad_id, tokenizer=lm.tokenizer, checkpoints=folder,
+                                save_steps=SAVE_STEPS)
             resumed = rows[0]["step"] - 1 if rows else plan_steps(len(seqs), cfg)[1]  # none: its last checkpoint's
         else:
-            state = None if state_dir is None else TrainingState(state_dir / f".{tag}.safetensors", tag, 600)
+            key = f"{tag}-{json_hash(setup)[:16]}"  # the state is taken only under the same set-up
+            state = None if state_dir is None else TrainingState(state_dir / f".{tag}.safetensors", key, 600)
             rows = train_loop(model, seqs, cfg, lm.pad_id, progress=False, state=state)
             resumed = (state.resumed_from if state is not None else None) or 0
             rows = [r for r in rows if r["step"] > resumed]  # this try's
@@ -92,26 +106,37 @@ def main() -> None:
             if name == "trainer":
                 forget_checkpoints(state_dir / tag)
             else:
-                discard(state_dir / f".{tag}.safetensors", tag)
+                discard(state_dir / f".{tag}.safetensors", key)
 
 
-def checkpoint_folder(folder: Path, seqs: list[list[int]], cfg) -> Path:
+def checkpoint_folder(folder: Path, seqs: list[list[int]], setup: dict) -> Path:
     """``folder`` for a Trainer run's checkpoints, after checking that those in it (if any) were made by this
-    training: the same sequences, settings, code and versions (memlens.training_state.stamp). fit.py's own
-    checkpoints of another set-up are removed (the run starts over, as memlens's own state would); a folder that
-    fit.py did not make stops the benchmark, naming it, untouched."""
+    training: the same sequences, set-up (model, LoRA, training settings), save cadence, code, versions, device and
+    threads (memlens.training_state.stamp; a commit between two tries starts the run over, as memlens's own state
+    does). fit.py's own checkpoints of another set-up are removed and the run starts over; a folder that fit.py
+    did not make (no ``fit-identity.json``, and not empty) stops the benchmark, naming it, untouched."""
+    import torch
+
     from memlens.provenance import json_hash
     from memlens.training_state import stamp
 
-    ident = {"sequences": json_hash(seqs), "train": cfg.model_dump(mode="json"), "stamp": stamp("cpu")}
+    ident = {"sequences": json_hash(seqs), **setup, "save_steps": SAVE_STEPS,
+             "stamp": stamp("cuda" if torch.cuda.is_available() else "cpu")}
     mark = folder / "fit-identity.json"
-    if folder.exists() and not mark.is_file():
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         sys.exit(f"fit.py: {folder} is not a folder of fit.py's checkpoints: give another --state or remove it")
-    if mark.is_file() and json.loads(mark.read_text()) != ident:
-        print(f"fit.py: the checkpoints in {folder} were made under another set-up; this run starts over",
-              file=sys.stderr)
-        forget_checkpoints(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_dir() and not mark.is_file() and any(folder.iterdir()):
+        sys.exit(f"fit.py: {folder} is not a folder of fit.py's checkpoints: give another --state or remove it")
+    if mark.is_file():
+        try:
+            same = json.loads(mark.read_text()) == ident
+        except ValueError:  # cut short by a kill
+            same = False
+        if not same:
+            print(f"fit.py: the checkpoints in {folder} were made under another set-up; this run starts over",
+                  file=sys.stderr)
+            forget_checkpoints(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     mark.write_text(json.dumps(ident))
     return folder
 

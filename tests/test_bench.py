@@ -111,6 +111,7 @@ def test_trainer_baseline_interrupted_goes_on_from_its_checkpoint_to_the_same_ad
         trained(tmp_path / "ckpt")
     monkeypatch.setattr(S, "pad_batch", real)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["checkpoint-4"]
+    (tmp_path / "ckpt" / "checkpoint-8").mkdir()  # the next save, cut short by the kill: passed over
     rows, resumed = trained(tmp_path / "ckpt")
     assert [r["step"] for r in rows] == list(range(5, 11))  # this try's steps only
     for r, w in zip(rows, whole_rows[4:]):
@@ -120,3 +121,42 @@ def test_trainer_baseline_interrupted_goes_on_from_its_checkpoint_to_the_same_ad
     for k in whole:
         assert torch.allclose(resumed[k], whole[k], atol=1e-6), k
     assert all(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k)  # trained: B starts at zero
+
+
+def _tiny_trainer(cfg, folder=None, save_steps=50):
+    from baseline import trainer_loop
+
+    from memlens.config import LoraConfig
+    from memlens.finetune import apply_lora
+
+    lm = build_tiny()
+    model, _ = apply_lora(lm, LoraConfig(targets=["q", "v"], rank=2), seed=cfg.seed)
+    rows = trainer_loop(model, lm.encode(TEXTS * 3), cfg, lm.pad_id, checkpoints=folder, save_steps=save_steps)
+    return rows, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def test_trainer_baseline_killed_after_its_last_step_gives_its_adapter_without_training_again(tmp_path):
+    """The Trainer saves at the last step too: a rerun of a run killed after training (4 steps of 3-step epochs, so
+    that the last epoch is cut) loads that adapter and trains nothing, instead of a step 5."""
+    from memlens.config import TrainConfig
+
+    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-2, warmup_steps=1, seed=1, precision="float32",
+                      batching="random")
+    rows, first = _tiny_trainer(cfg, tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
+    again, second = _tiny_trainer(cfg, tmp_path)
+    assert again == [] and [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
+    assert all(torch.equal(first[k], second[k]) for k in first) and any("lora_B" in k for k in first)
+
+
+def test_trainer_baseline_rows_count_what_each_step_trained_on_with_grad_accum():
+    """grad_accum 2 over 3 micro-batches an epoch: the Trainer's steps take 2 then 1 micro-batch; each row counts
+    its own sequences and target tokens."""
+    from memlens.config import TrainConfig
+
+    cfg = TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=1, seed=1,
+                      precision="float32", batching="random")
+    rows, _ = _tiny_trainer(cfg)
+    assert [r["sequences"] for r in rows] == [8, 4, 8, 4]
+    targets = sum(len(s) - 1 for s in build_tiny().encode(TEXTS * 3))  # an epoch's
+    assert rows[0]["tokens"] + rows[1]["tokens"] == targets == rows[2]["tokens"] + rows[3]["tokens"]
