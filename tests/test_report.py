@@ -316,3 +316,38 @@ def test_time_spent_sums_the_runs_clocks_by_phase():
 
     assert (run_clock(resumed.summary), run_clock(runs[0].summary), run_clock({})) == (3690.0, 3700.0, None)
     assert sum(p["share"] for p in t["phases"]) == pytest.approx(1.0)
+
+
+def test_runs_stored_by_an_earlier_memlens_are_repeats_of_their_configuration():
+    """A configuration's seed-0 run stored before reuse_training and training_state_minutes existed (its config
+    lacks them) and its seed-1 run stored after (with them at any value) are one configuration: one row across
+    seeds, no spurious factor; a setting that changes results (the rank) still tells configurations apart."""
+    import json
+    import sqlite3
+
+    import numpy as np
+
+    from memlens.report import privacy as PV
+    from memlens.report import seeds as SD
+    from memlens.store import SCHEMA
+
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(SCHEMA)
+    member = np.repeat([1, 0], 20)
+    later = {"reuse_training": False, "training_state_minutes": 10.0, "name": "x", "output_dir": "elsewhere"}
+    for k, (rank, seed, extra) in enumerate([(1, 0, {}), (1, 1, later), (2, 0, {}), (2, 1, {**later, "name": "y"})]):
+        cfg = {"model": "m", "lora": {"targets": ["v"], "rank": rank}, "train": {"seed": seed, "too_long": "truncate"
+               if seed else None}, "data": {"seed": 0}, **extra}
+        if not seed:
+            cfg["train"].pop("too_long")  # also added later, at its default
+        conn.execute("INSERT INTO runs (run_id, name, study, created, config_json, summary_json) VALUES (?,?,?,?,?,?)",
+                     (f"run{k}", f"run{k}", None, k, json.dumps(cfg), "{}"))
+        score = member + np.random.default_rng(k).normal(0, 1, 40)
+        for i, (m, v) in enumerate(zip(member, score)):
+            conn.execute("INSERT INTO samples VALUES (?,?,?,?,?,?)", (f"run{k}", f"r{i}", int(m), "", int(m), None))
+            conn.execute('INSERT INTO "values" VALUES (?,?,?,?)', (f"run{k}", f"r{i}", "score_loss", float(v)))
+    runs = D.load_runs(conn)
+    assert len({r.key for r in runs}) == 2
+    rows = SD.seed_rows(conn, runs, "loss", n_boot=20)
+    assert sorted(r["seeds"] for r in rows) == [[0, 1], [0, 1]]
+    assert {k for v in PV.varying(runs).values() for k in v} == {"lora.rank"}

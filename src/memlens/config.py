@@ -438,29 +438,41 @@ class RunConfig(_Strict):
         instead of this machine's)."""
         d = self.model_dump(mode="json")
         d["resolved"] = self.resolved() if resolved is None else resolved
-        for k in ("name", "output_dir", "store", "reuse_training", "training_state_minutes"):
-            d.pop(k)
-        # settings added later leave earlier run ids unchanged at their defaults
-        if d["train"].get("too_long") == "truncate":
-            d["train"].pop("too_long")
-        if d["train"].get("loss_average") == "step":
-            d["train"].pop("loss_average")
-        if d["train"].get("packing") is False:
-            d["train"].pop("packing")
-        for key in ("dp", "early_stopping"):
-            if d["train"].get(key, 0) is None:
-                d["train"].pop(key)
-        for key, default in (("references", None), ("blind", True), ("checkpoints", None), ("fields", None),
-                             ("exposure", ExposureConfig().model_dump(mode="json"))):
-            if d["audit"].get(key) == default:
-                d["audit"].pop(key, None)
-        if d["audit"].get("fields") and d["audit"]["fields"].get("temperature") is None:
-            for key in ("temperature", "top_p", "samples"):
-                d["audit"]["fields"].pop(key, None)
-        for key in ("formatted", "one_run"):
-            if d["data"]["canary"].get(key) is None:
-                d["data"]["canary"].pop(key, None)
-        return d
+        return identity(d)
+
+
+NOT_IDENTITY = ("name", "output_dir", "store", "reuse_training", "training_state_minutes")  # change no result
+
+
+def identity(d: dict[str, Any]) -> dict[str, Any]:
+    """A dumped run config (with its ``resolved`` settings) as the run id hashes it: without the keys that change
+    no result, and without settings added later where they hold their defaults, so that a run stored by an earlier
+    memlens (which lacks them) and one stored now are the same configuration. Changes ``d`` in place; a stored
+    config that lacks a section is taken as it is."""
+    for k in NOT_IDENTITY:
+        d.pop(k, None)
+    train, audit, canary = d.get("train", {}), d.get("audit", {}), d.get("data", {}).get("canary", {})
+    # settings added later leave earlier run ids unchanged at their defaults
+    if train.get("too_long") == "truncate":
+        train.pop("too_long")
+    if train.get("loss_average") == "step":
+        train.pop("loss_average")
+    if train.get("packing") is False:
+        train.pop("packing")
+    for key in ("dp", "early_stopping"):
+        if train.get(key, 0) is None:
+            train.pop(key)
+    for key, default in (("references", None), ("blind", True), ("checkpoints", None), ("fields", None),
+                         ("exposure", ExposureConfig().model_dump(mode="json"))):
+        if key in audit and audit[key] == default:
+            audit.pop(key)
+    if audit.get("fields") and audit["fields"].get("temperature") is None:
+        for key in ("temperature", "top_p", "samples"):
+            audit["fields"].pop(key, None)
+    for key in ("formatted", "one_run"):
+        if key in canary and canary[key] is None:
+            canary.pop(key)
+    return d
 
 
 # ---------------------------------------------------------------------------------------------- loading and overrides

@@ -50,10 +50,12 @@ class RunView:
         return self.summary.get("trainable_total")
 
     def settings_key(self, drop: tuple[str, ...]) -> str:
-        """The configuration without the dotted keys in ``drop`` (and without name, output and store)."""
-        cfg = json.loads(json.dumps(self.config))
-        for k in ("name", "output_dir", "store"):
-            cfg.pop(k, None)
+        """The configuration as its run id sees it (memlens.config.identity: without name, output, store and the
+        settings that change no result; settings added later at their defaults count as absent, so a run stored
+        by an earlier memlens is a repeat of its configuration), without the dotted keys in ``drop``."""
+        from memlens.config import identity
+
+        cfg = identity(json.loads(json.dumps(self.config)))
         for dotted in drop:
             node = cfg
             *parents, last = dotted.split(".")
