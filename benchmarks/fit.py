@@ -106,7 +106,7 @@ def main() -> None:
             if name == "trainer":
                 forget_checkpoints(state_dir / tag)
             else:
-                discard(state_dir / f".{tag}.safetensors", key)
+                discard(state.path, key)
 
 
 def checkpoint_folder(folder: Path, seqs: list[list[int]], setup: dict) -> Path:
@@ -123,9 +123,8 @@ def checkpoint_folder(folder: Path, seqs: list[list[int]], setup: dict) -> Path:
     ident = {"sequences": json_hash(seqs), **setup, "save_steps": SAVE_STEPS,
              "stamp": stamp("cuda" if torch.cuda.is_available() else "cpu")}
     mark = folder / "fit-identity.json"
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        sys.exit(f"fit.py: {folder} is not a folder of fit.py's checkpoints: give another --state or remove it")
-    if folder.is_dir() and not mark.is_file() and any(folder.iterdir()):
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()) or (
+            folder.is_dir() and not mark.is_file() and any(folder.iterdir())):
         sys.exit(f"fit.py: {folder} is not a folder of fit.py's checkpoints: give another --state or remove it")
     if mark.is_file():
         try:

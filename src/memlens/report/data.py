@@ -49,13 +49,17 @@ class RunView:
     def trainable(self) -> int | None:
         return self.summary.get("trainable_total")
 
-    def settings_key(self, drop: tuple[str, ...]) -> str:
-        """The configuration as its run id sees it (memlens.config.identity: without name, output, store and the
-        settings that change no result; settings added later at their defaults count as absent, so a run stored
-        by an earlier memlens is a repeat of its configuration), without the dotted keys in ``drop``."""
+    def identity(self) -> dict[str, Any]:
+        """A copy of the configuration as its run id sees it (memlens.config.identity: without name, output, store
+        and the settings that change no result; settings added later at their defaults count as absent, so a run
+        stored by an earlier memlens is a repeat of its configuration)."""
         from memlens.config import identity
 
-        cfg = identity(json.loads(json.dumps(self.config)))
+        return identity(json.loads(json.dumps(self.config)))
+
+    def settings_key(self, drop: tuple[str, ...]) -> str:
+        """:meth:`identity` without the dotted keys in ``drop``."""
+        cfg = self.identity()
         for dotted in drop:
             node = cfg
             *parents, last = dotted.split(".")

@@ -10,7 +10,6 @@ import sqlite3
 from typing import Any
 
 from memlens import frontier as FR
-from memlens.config import identity
 from memlens.report import data as D
 
 SEED_KEYS = ("train.seed", "data.seed")
@@ -94,8 +93,7 @@ def factors(runs: list[D.RunView], attack: str) -> list[dict[str, Any]]:
 
 def varying(runs: list[D.RunView]) -> dict[str, dict[str, str]]:
     """Per run, the dotted settings that differ across runs (seeds excepted), as short strings."""
-    flat = {r.run_id: _flatten({k: v for k, v in identity(json.loads(json.dumps(r.config))).items()
-                                if k != "resolved"}) for r in runs}
+    flat = {r.run_id: _flatten({k: v for k, v in r.identity().items() if k != "resolved"}) for r in runs}
     keys = {k for f in flat.values() for k in f} - set(SEED_KEYS)
     vary = [k for k in sorted(keys) if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
     return {rid: {k: _short(f.get(k)) for k in vary} for rid, f in flat.items()}
