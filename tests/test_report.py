@@ -213,6 +213,10 @@ def test_report_across_seeds_means_intervals_and_csv(tmp_path):
     with (out / "seed-pairs.csv").open() as fh:
         (csv_pair,) = list(csv.DictReader(fh))
     assert float(csv_pair["auc_diff"]) == pytest.approx(pair["auc_diff"])
+    with (out / "seed-means.csv").open() as fh:
+        csv_means = {r["targets"]: r for r in csv.DictReader(fh)}
+    assert csv_means["Q"]["seeds"] == "0 1 2" and float(csv_means["V"]["auc"]) == pytest.approx(rows["V"]["auc"])
+    assert float(csv_means["V"]["tpr1_hi"]) == pytest.approx(rows["V"]["tpr1_hi"])
 
 
 def test_across_seeds_leaves_out_runs_whose_records_play_other_roles():

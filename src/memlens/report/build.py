@@ -263,6 +263,7 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
     across["verdict"] = verdict_text([{"verdict": p["auc_verdict"]} for p in across["pairs"]]) if across["pairs"] \
         else None
     SD.write_csv(out / "runs.csv", SD.run_rows(runs, attack))
+    SD.write_csv(out / "seed-means.csv", [{**r, "seeds": " ".join(map(str, r["seeds"]))} for r in across["rows"]])
     SD.write_csv(out / "seed-pairs.csv", across["pairs"])
     domain = None
     if attack != "ref_lora" and any(r.metric("auc", "ref_lora") for r in runs):

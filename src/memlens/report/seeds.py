@@ -1,7 +1,7 @@
 """Across training seeds: each configuration's mean AUC and TPR@1%FPR over its seeds, and the paper's paired
 differences (V-Q, V-K, O-Q, O-K) of those means, each with a two-level bootstrap interval that counts both the seed
-and the record variation (:func:`memlens.metrics.seed_record_bootstrap`); and the CSV files of the per-run metrics
-and of these differences.
+and the record variation (:func:`memlens.metrics.seed_record_bootstrap`); and the CSV files of the per-run metrics,
+of these means and of these differences.
 
 A configuration enters only with at least two seeds whose runs scored the same records (canaries left out, as in
 every AUC); a comparison only between configurations that differ in the adapted matrices alone.
