@@ -291,6 +291,28 @@ def test_report_privacy_sections_trajectories_dp_frontier_and_factors(tmp_path):
     assert "The least leakage at the utility asked for" in page and best["label"] in page
 
 
+def test_runs_table_shows_a_resumed_runs_clock_as_the_time_section_counts_it(store, tmp_path):
+    """A run resumed from a saved training and stored with its last try's clock only (memlens before the clock
+    counted the earlier try): the Runs table shows the sum of its phases, as runs.csv and the Time section do."""
+    import json
+    import sqlite3
+
+    db = tmp_path / "s.sqlite"
+    shutil.copy(store, db)
+    conn = sqlite3.connect(db)
+    run_id, summary = conn.execute("SELECT run_id, summary_json FROM runs ORDER BY run_id LIMIT 1").fetchone()
+    summary = json.loads(summary)
+    summary["timings_s"] = {"train_s": 3400.0, "score_ft_s": 290.0, "attacks_s": 12.5, "total_s": 1160.0}
+    summary["resumed_training_at_step"] = 70
+    conn.execute("UPDATE runs SET summary_json = ? WHERE run_id = ?", (json.dumps(summary), run_id))
+    conn.commit()
+    conn.close()
+    page = build_report(db, tmp_path / "rep", study="r").read_text()
+    rows = page.split("<h2>Runs</h2>")[1].split("</table>")[0]
+    row = next(r for r in rows.split("<tr>") if run_id[:12] in r)
+    assert "3702.5" in row and "1160.0" not in row
+
+
 def test_time_spent_sums_the_runs_clocks_by_phase():
     from memlens.report.data import RunView
     from memlens.report.timing import time_spent

@@ -300,7 +300,7 @@ def build_report(store: Path, out: Path, study: str | None = None, attack: str =
         verdict=verdict_text(pairs), figures=figs, domain=domain, across=across,
         audits=[AT.attack_table(r) for r in runs[:30]], fprs=AT.FPRS, notes=notes, models=models, paper_source=paper.SOURCE,
         fmt=_fmt, examples=examples, escape=html.escape, privacy=privacy, leakage=leakage,
-        spent=timing.time_spent(runs))
+        spent=timing.time_spent(runs), clock=timing.run_clock)
     path = out / "report.html"
     tmp = out / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")
