@@ -313,6 +313,34 @@ def test_runs_table_shows_a_resumed_runs_clock_as_the_time_section_counts_it(sto
     assert "3702.5" in row and "1160.0" not in row
 
 
+def test_the_audit_says_so_when_no_attack_beats_the_blind_baseline(capsys):
+    """Where the texts alone separate members from non-members (the blind baseline's interval above 0.5) and every
+    attack's AUC is below that interval, the run's audit says so, naming the best attack; not where one attack
+    reaches the interval, nor where the blind baseline finds no shift."""
+    from memlens.report import audit_tables as AT
+    from memlens.report.data import RunView
+
+    blind = {"auc": 0.685, "lo": 0.652, "hi": 0.718, "shifted": True, "message": "differ"}
+    attacks = {"loss": {"auc": 0.527}, "ref_ratio": {"auc": 0.574}, "zlib": {"auc": 0.510}}
+    said = AT.attack_table(RunView("r", "r", "s", {}, {"attacks": attacks, "blind": blind}))["below_blind"]
+    assert "ref_ratio at AUC 0.574" in said and "0.652 to 0.718" in said
+    reaches = {**attacks, "ref_lora": {"auc": 0.652}}
+    assert AT.attack_table(RunView("r", "r", "s", {}, {"attacks": reaches, "blind": blind}))["below_blind"] is None
+    flat = {**blind, "auc": 0.52, "lo": 0.49, "hi": 0.55, "shifted": False}
+    assert AT.attack_table(RunView("r", "r", "s", {}, {"attacks": attacks, "blind": flat}))["below_blind"] is None
+    assert AT.attack_table(RunView("r", "r", "s", {}, {"attacks": attacks}))["below_blind"] is None
+    # the end-of-run summary (and `memlens results show`) says the same
+    from memlens.cli import print_audit_summary
+
+    rows = {a: {"auc": h["auc"], "auc_lo": h["auc"] - 0.02, "auc_hi": h["auc"] + 0.02} for a, h in attacks.items()}
+    ppl = {"members_base": 84.0, "members_ft": 24.2, "nonmembers_base": 81.8, "heldout_ft": 26.1}
+    print_audit_summary({"attacks": rows, "n_nonmembers": 968, "blind": blind, "perplexity": ppl}, "run")
+    assert "No attack separates members from non-members better than the texts alone" in capsys.readouterr().out
+    print_audit_summary({"attacks": {**rows, "ref_lora": {"auc": 0.8, "auc_lo": 0.78, "auc_hi": 0.82}},
+                         "n_nonmembers": 968, "blind": blind, "perplexity": ppl}, "run")
+    assert "better than the texts alone" not in capsys.readouterr().out
+
+
 def test_time_spent_sums_the_runs_clocks_by_phase():
     from memlens.report.data import RunView
     from memlens.report.timing import time_spent

@@ -207,6 +207,12 @@ def print_audit_summary(summary: dict, title: str) -> None:
     if summary.get("blind"):
         console.print(f"blind baseline (the texts alone, never the model): {summary['blind']['message']}",
                       soft_wrap=True)
+        from memlens.report.audit_tables import below_blind
+
+        beaten = below_blind([{"attack": a, "auc": r.get("auc")} for a, r in summary["attacks"].items()],
+                             summary["blind"])
+        if beaten:
+            console.print(beaten, soft_wrap=True)
     ref = summary.get("references")
     if ref:
         p = Table(title=f"reference attacks - ref_ratio, same records (paired bootstrap 95%); {ref['count']} "

@@ -29,9 +29,25 @@ def attack_table(run: D.RunView) -> dict[str, Any]:
         rows.append(row)
     return {"run": run.name, "run_id": run.run_id[:12], "rows": rows, "n_members": s.get("n_members"),
             "n_nonmembers": s.get("n_nonmembers"), "blind": s.get("blind"),
+            "below_blind": below_blind(rows, s.get("blind")),
             "references": {k: ref[k] for k in ("mode", "count", "train_s", "score_s", "rmia_a", "rmia_gamma",
                                                "notes") if k in ref} or None,
             "any_flag": any(t["flag"] for r in rows for t in r["tpr"])}
+
+
+def below_blind(rows: list[dict[str, Any]], blind: dict[str, Any] | None) -> str | None:
+    """A plain sentence where the members and non-members differ in distribution and every attack's AUC is below
+    the blind baseline's interval (no attack separates them better than the texts alone); else None."""
+    aucs = [r for r in rows if r["auc"] is not None]
+    if not blind or not aucs or not blind.get("lo", 0.0) > 0.5:
+        return None
+    best = max(aucs, key=lambda r: r["auc"])
+    if best["auc"] >= blind["lo"]:
+        return None
+    return (f"No attack separates members from non-members better than the texts alone: the best, {best['attack']} "
+            f"at AUC {best['auc']:.3f}, is below the blind baseline's interval ({blind['lo']:.3f} to "
+            f"{blind['hi']:.3f}); read these AUCs with that shift in mind, and compare configurations on the same "
+            f"records rather than reading an AUC as the leakage itself.")
 
 
 def exposure_points(runs: list[D.RunView]) -> dict[str, list[tuple[int, float, bool]]]:
