@@ -209,8 +209,7 @@ def print_audit_summary(summary: dict, title: str) -> None:
                       soft_wrap=True)
         from memlens.report.audit_tables import below_blind
 
-        beaten = below_blind([{"attack": a, "auc": r.get("auc")} for a, r in summary["attacks"].items()],
-                             summary["blind"])
+        beaten = below_blind(summary["attacks"], summary["blind"])
         if beaten:
             console.print(beaten, soft_wrap=True)
     ref = summary.get("references")

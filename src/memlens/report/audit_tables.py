@@ -29,23 +29,24 @@ def attack_table(run: D.RunView) -> dict[str, Any]:
         rows.append(row)
     return {"run": run.name, "run_id": run.run_id[:12], "rows": rows, "n_members": s.get("n_members"),
             "n_nonmembers": s.get("n_nonmembers"), "blind": s.get("blind"),
-            "below_blind": below_blind(rows, s.get("blind")),
+            "below_blind": below_blind(s.get("attacks", {}), s.get("blind")),
             "references": {k: ref[k] for k in ("mode", "count", "train_s", "score_s", "rmia_a", "rmia_gamma",
                                                "notes") if k in ref} or None,
             "any_flag": any(t["flag"] for r in rows for t in r["tpr"])}
 
 
-def below_blind(rows: list[dict[str, Any]], blind: dict[str, Any] | None) -> str | None:
-    """A plain sentence where the members and non-members differ in distribution and every attack's AUC is below
-    the blind baseline's interval (no attack separates them better than the texts alone); else None."""
-    aucs = [r for r in rows if r["auc"] is not None]
-    if not blind or not aucs or not blind.get("lo", 0.0) > 0.5:
+def below_blind(attacks: dict[str, dict[str, Any]], blind: dict[str, Any] | None) -> str | None:
+    """A plain sentence where the blind baseline found members and non-members apart (``memlens.blind``'s
+    ``shifted``) and every attack's AUC (a run summary's ``attacks``) is below its interval (no attack separates them
+    better than the texts alone); else None."""
+    aucs = {a: h["auc"] for a, h in attacks.items() if h.get("auc") is not None}
+    if not blind or not blind.get("shifted") or not aucs:
         return None
-    best = max(aucs, key=lambda r: r["auc"])
-    if best["auc"] >= blind["lo"]:
+    best = max(aucs, key=aucs.get)
+    if aucs[best] >= blind["lo"]:
         return None
-    return (f"No attack separates members from non-members better than the texts alone: the best, {best['attack']} "
-            f"at AUC {best['auc']:.3f}, is below the blind baseline's interval ({blind['lo']:.3f} to "
+    return (f"No attack separates members from non-members better than the texts alone: the best, {best} "
+            f"at AUC {aucs[best]:.3f}, is below the blind baseline's interval ({blind['lo']:.3f} to "
             f"{blind['hi']:.3f}); read these AUCs with that shift in mind, and compare configurations on the same "
             f"records rather than reading an AUC as the leakage itself.")
 
