@@ -255,3 +255,77 @@ def test_a_study_says_when_a_runs_training_went_on_from_a_saved_state(tmp_path, 
     assert len(stored) == 2
     said = [m for m in caplog.messages if "went on" in m]
     assert said == [f"run {runs[1].run_id[:12]}: its training went on from step 3 of 6, saved by an interrupted try"]
+
+
+def test_a_studys_runs_show_their_loops_and_keep_their_numbers(tmp_path, monkeypatch, caplog):
+    """A local worker sends its loops' progress and its log records to the study's process (memlens.progress): a
+    loop that took at least LOGGED_S gets a line naming the run (0 here: every loop), and the run's numbers are those
+    of a study that shows nothing."""
+    import logging
+
+    import memlens.progress as P
+
+    st = load_study(_study(tmp_path))
+    runs = plan(st, "quick", [], str(tmp_path / "runs"))[:1]
+    monkeypatch.setattr(P, "LOGGED_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="memlens"):
+        run_study(st, runs, tmp_path / "shown.sqlite", progress=True)
+    label = runs[0].label
+    said = [m for m in caplog.messages if m.startswith(f"run {label}: ")]
+    steps = sqlite3.connect(tmp_path / "shown.sqlite").execute("SELECT summary_json FROM runs").fetchone()[0]
+    steps = json.loads(steps)["steps"]
+    assert f"run {label}: train {steps} of {steps} steps in" in " ".join(said), said
+    assert any(m.startswith(f"run {label}: score fine-tuned 24 of 24 seq in ") for m in said), said
+    quiet = plan(st, "quick", [], str(tmp_path / "quiet-runs"))[:1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="memlens"):
+        run_study(st, quiet, tmp_path / "quiet.sqlite", progress=False)
+    assert not [m for m in caplog.messages if m.startswith(f"run {label}: ")]
+    assert _metrics(tmp_path / "shown.sqlite") == _metrics(tmp_path / "quiet.sqlite")
+    assert len(_metrics(tmp_path / "shown.sqlite")) == 8 * 2
+
+
+def _a_worker_that_logs_and_loops() -> int:
+    import logging
+
+    from memlens.progress import progress_bar
+
+    logging.getLogger("memlens.somewhere").info("a worker's line")
+    logging.getLogger("memlens.somewhere").debug("below the study's level")
+    with progress_bar("count", 3, unit="things", fields={"x": "-"}) as advance:
+        for i in range(3):
+            advance(1, x=str(i))
+    return 7
+
+
+def test_a_workers_log_lines_and_loops_reach_the_study(caplog):
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import memlens.study as S
+
+    class Lines(list):
+        closed = False
+
+        def __call__(self, event):
+            self.append(event)
+
+        def close(self):
+            self.closed = True
+
+    ctx = multiprocessing.get_context("spawn")
+    events, lines = ctx.Queue(), Lines()
+    relay = S._Relay(events, lines)
+    with caplog.at_level(logging.INFO, logger="memlens"):
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=S._forward_to_study,
+                                     initargs=(events, logging.INFO, True)) as pool:
+                assert pool.submit(_a_worker_that_logs_and_loops).result() == 7
+        finally:
+            relay.stop()
+    assert "a worker's line" in caplog.messages and "below the study's level" not in caplog.messages
+    assert [r.name for r in caplog.records if r.message == "a worker's line"] == ["memlens.somewhere"]
+    assert lines[0] == ("start", "count", 3, 0, "things")
+    assert lines[-2] == ("update", 3, {"x": "2"}) and lines[-1][:5] == ("end", "count", 3, 3, "things")
+    assert lines.closed

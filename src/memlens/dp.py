@@ -119,10 +119,9 @@ def dp_train_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, prog
     import torch
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
 
     from memlens.finetune import lr_lambda, run_hooks
+    from memlens.progress import progress_bar
     from memlens.scoring import pad_batch, to_device
 
     dp = cfg.dp
@@ -146,18 +145,16 @@ def dp_train_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, prog
     sampler = torch.Generator().manual_seed(cfg.seed)
     rows: list[dict] = []
     t0 = time.perf_counter()
-    columns = [TextColumn("[bold]train (DP)"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     gsm.train()
     step = 0
     checked = False
     try:
-        with Progress(*columns, disable=not progress, transient=False) as bar, warnings.catch_warnings():
+        with progress_bar("train (DP)", total, enabled=progress, unit="steps", fields={"loss": "-"}) as advance, \
+                warnings.catch_warnings():
             # the adapter's first layers see inputs that need no gradient (the frozen embeddings): torch says so on
             # every backward pass; their per-sample gradients come from the outputs' gradients, as intended
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
                                     "with respect to module outputs")
-            task = bar.add_task("train", total=total, loss="-")
             while step < total:
                 chosen = torch.nonzero(torch.rand(n, generator=sampler) < q).flatten().tolist()
                 pieces = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)] or [[]]
@@ -191,7 +188,7 @@ def dp_train_loop(model: Any, seqs: list[list[int]], cfg: Any, pad_id: int, prog
                        "lr": lr, "grad_norm": None, "tokens": n_tokens, "sequences": len(chosen),
                        "elapsed_s": round(time.perf_counter() - t0, 4)}
                 rows.append(row)
-                bar.update(task, advance=1, loss="-" if row["loss"] is None else f"{row['loss']:.4f}")
+                advance(1, loss="-" if row["loss"] is None else f"{row['loss']:.4f}")
                 if any(h.due(step, total) for h in hooks):
                     with _hooks_off(gsm):
                         if run_hooks(hooks, model, step, total, row["epoch"], rows):

@@ -235,9 +235,8 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     :func:`run_hooks`); they run after the steps they are due at, and do not touch the training's random state.
     ``state``: a :class:`memlens.training_state.TrainingState` to go on from and to save into (not with hooks)."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
 
+    from memlens.progress import progress_bar
     from memlens.scoring import gpu_attention, pack_batch, pad_batch, to_device
 
     device = next(model.parameters()).device
@@ -259,11 +258,9 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
     if at is not None:
         step, epoch, first_group, rows = at.step, at.epoch, at.group, at.rows
         t0 -= at.elapsed_s
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar, gpu_attention(device), \
+    with progress_bar("train", total, enabled=progress, unit="steps", completed=step,
+                      fields={"loss": "-", "tok/s": "-"}) as advance, gpu_attention(device), \
             frozen_linears_at(model, cfg.precision) as as_loaded:
-        task = bar.add_task("train", total=total, completed=step, loss="-", tps="-")
 
         def finish(row: dict) -> None:
             """Read a step's loss and gradient norm off the device. On a GPU this runs one step late, so a step's
@@ -274,7 +271,7 @@ def train_loop(model: Any, seqs: list[list[int]], cfg: TrainConfig, pad_id: int,
             row["elapsed_s"] = round(time.perf_counter() - t0, 4)
             rows.append(row)
             tps = sum(r["tokens"] for r in rows) / max(row["elapsed_s"], 1e-9)
-            bar.update(task, advance=1, loss=f"{row['loss']:.4f}", tps=f"{tps:,.0f}")
+            advance(1, **{"loss": f"{row['loss']:.4f}", "tok/s": f"{tps:,.0f}"})
 
         pending = None  # on a GPU, the step before: read once this step's work is queued, so the GPU never waits
         while step < total:

@@ -1,22 +1,114 @@
-"""One progress bar per long loop (rich), or nothing when disabled."""
+"""Progress of long loops: one rich bar per loop, or nothing when disabled.
+
+In a study's worker process (memlens.study) there is no terminal of its own: :func:`forward_to` sends each loop's
+progress as small events to the study's process instead, which shows the run's current loop under the study's bar.
+Events, each a tuple:
+
+- ``("start", description, total, completed, unit)`` when a loop begins;
+- ``("update", completed, fields)`` as it advances, at most every :data:`FORWARD_EVERY_S` seconds (``fields``: the
+  loop's own figures as text, e.g. ``{"loss": "3.1042"}``);
+- ``("end", description, completed, total, unit, seconds)`` when it ends, finished or not.
+
+:class:`LoopLines` is the receiving end.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+FORWARD_EVERY_S = 1.0
+LOGGED_S = 60.0  # a forwarded loop that took this long gets a log line (what a study's log file keeps of it)
+
+log = logging.getLogger(__name__)
+
+_sink: Callable[[tuple], None] | None = None
+
+
+def forward_to(sink: Callable[[tuple], None] | None) -> None:
+    """Send every enabled loop's progress to ``sink`` (e.g. a multiprocessing queue's ``put``) instead of drawing it;
+    None draws again."""
+    global _sink
+    _sink = sink
 
 
 @contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True, unit: str = "seq") -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows done/total, rate and time left when enabled."""
+def progress_bar(description: str, total: int, enabled: bool = True, unit: str = "seq", *, completed: int = 0,
+                 fields: dict[str, str] | None = None) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **fields)``; shows done/total, the ``fields`` (name and value, updated by ``advance``),
+    rate and time left when enabled. ``completed``: the part done before (a training going on from a saved state)."""
     if not enabled:
-        yield lambda n=1: None
+        yield lambda n=1, **_: None
+        return
+    if _sink is not None:
+        with _forwarded(_sink, description, total, unit, completed, dict(fields or {})) as advance:
+            yield advance
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    columns = [TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+    shown = [TextColumn(f"{name} {{task.fields[{name}]}}", markup=False) for name in fields or {}]
+    columns = [TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), *shown,
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=False) as p:
-        task = p.add_task(description, total=total)
-        yield lambda n=1: p.update(task, advance=n)
+        task = p.add_task(description, total=total, completed=completed, **(fields or {}))
+        yield lambda n=1, **f: p.update(task, advance=n, **f)
+
+
+@contextmanager
+def _forwarded(sink: Callable[[tuple], None], description: str, total: int, unit: str, completed: int,
+               fields: dict[str, str]) -> Iterator[Callable[..., None]]:
+    state: dict[str, Any] = {"done": completed, "sent": time.monotonic()}
+    t0 = state["sent"]
+    sink(("start", description, total, completed, unit))
+
+    def advance(n: int = 1, **f: str) -> None:
+        state["done"] += n
+        fields.update(f)
+        now = time.monotonic()
+        if now - state["sent"] >= FORWARD_EVERY_S:
+            state["sent"] = now
+            sink(("update", state["done"], dict(fields)))
+
+    try:
+        yield advance
+    finally:
+        sink(("update", state["done"], dict(fields)))
+        sink(("end", description, state["done"], total, unit, time.monotonic() - t0))
+
+
+class LoopLines:
+    """A worker's loops, from its events, as lines of a rich Progress below the study's own (a loop inside another,
+    such as a reference adapter's training inside the references' loop, one line further down), and a log line
+    ``PREFIX: DESCRIPTION DONE of TOTAL UNIT in SECONDS s`` for each that took at least :data:`LOGGED_S`. The Progress
+    shows ``{task.description}`` and ``{task.fields[current]}`` (the loop's unit and figures)."""
+
+    def __init__(self, bar: Any, prefix: str) -> None:
+        self.bar, self.prefix = bar, prefix
+        self.open: list[tuple[Any, str]] = []  # (task, unit), innermost last
+
+    def __call__(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "start":
+            _, description, total, completed, unit = event
+            indent = "  " * (len(self.open) + 1)
+            self.open.append((self.bar.add_task(indent + description, total=total, completed=completed,
+                                                current=unit), unit))
+        elif kind == "update" and self.open:
+            _, completed, fields = event
+            task, unit = self.open[-1]
+            shown = " ".join([unit, *(f"{k} {v}" for k, v in fields.items())])
+            self.bar.update(task, completed=completed, current=shown)
+        elif kind == "end":
+            _, description, completed, total, unit, seconds = event
+            if self.open:
+                self.bar.remove_task(self.open.pop()[0])
+            if seconds >= LOGGED_S:
+                log.info("%s: %s %d of %d %s in %.0f s", self.prefix, description, completed, total, unit, seconds)
+
+    def close(self) -> None:
+        """Take away the lines of loops that never said they ended (a worker that died)."""
+        while self.open:
+            self.bar.remove_task(self.open.pop()[0])

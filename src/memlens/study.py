@@ -206,11 +206,28 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="memlens-parent-watch").start()
 
 
-def _worker(cfg_json: dict[str, Any], study: str, threads: int | None = None) -> dict[str, Any]:
+def _forward_to_study(events: Any, level: int, progress: bool) -> None:
+    """A local worker's start: its memlens log records (at the study's level) and, with ``progress``, its loops'
+    progress (memlens.progress) go to the study's process through ``events``, a multiprocessing queue."""
+    import logging.handlers
+
+    from memlens import progress as P
+
+    if progress:
+        P.forward_to(events.put)
+    own = logging.getLogger("memlens")
+    own.setLevel(level)
+    own.addHandler(logging.handlers.QueueHandler(events))
+    own.propagate = False
+
+
+def _worker(cfg_json: dict[str, Any], study: str, threads: int | None = None, progress: bool = False
+            ) -> dict[str, Any]:
     """Runs in a fresh process: import, fine-tune, audit, return the record.
 
     ``threads``: torch's intra-op threads, set to the CPUs a Ray task declared, so that tasks sharing a machine do
-    not oversubscribe its cores (which slows small matrix products many times over).
+    not oversubscribe its cores (which slows small matrix products many times over). ``progress``: the run's loops
+    report their progress (to the study's process: :func:`_forward_to_study`).
     """
     import warnings
 
@@ -224,7 +241,7 @@ def _worker(cfg_json: dict[str, Any], study: str, threads: int | None = None) ->
 
     # a run not in the study's store is redone; a folder of that same run (left by a kill between the folder and the
     # store write) is the study's own output and is replaced; any other folder is refused
-    return compute_run(RunConfig.model_validate(cfg_json), progress=False, study=study, overwrite=True)
+    return compute_run(RunConfig.model_validate(cfg_json), progress=progress, study=study, overwrite=True)
 
 
 def done_runs(db: Path) -> set[str]:
@@ -247,6 +264,7 @@ def run_study(study: StudyConfig, runs: list[PlannedRun], db: Path, *, executor:
         TimeRemainingColumn
 
     from memlens.audit import store_record
+    from memlens.progress import LoopLines
     from memlens.resume import check_resume
 
     check_resume(study.name, runs, db)
@@ -255,12 +273,18 @@ def run_study(study: StudyConfig, runs: list[PlannedRun], db: Path, *, executor:
     log.info("study %s: %d runs, %d already in %s, %d to do", study.name, len(runs), len(runs) - len(todo), db,
              len(todo))
     executed: list[str] = []
-    columns = [TextColumn("[bold]study " + study.name), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[current]}", markup=False), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[current]}", markup=False), TimeElapsedColumn(), TextColumn("left"),
+               TimeRemainingColumn()]
     with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("runs", total=len(runs), completed=len(runs) - len(todo), current="")
-        for record in _execute(todo, study.name, executor, cpus_per_run, gpus_per_run,
-                               lambda r: bar.update(task, current=r.label)):
+        task = bar.add_task("[bold]study " + study.name, total=len(runs), completed=len(runs) - len(todo),
+                            current="")
+
+        def started(r: PlannedRun) -> LoopLines:
+            bar.update(task, current=r.label)
+            return LoopLines(bar, f"run {r.label}")
+
+        for record in _execute(todo, study.name, executor, cpus_per_run, gpus_per_run, started, progress):
             if record["run"]["run_id"] in done_runs(db):  # another study on this store finished it meanwhile
                 log.warning("run %s was stored by another process while this one computed it: the stored one is kept "
                             "(results are the same for the same config and seed)", record["run"]["run_id"][:12])
@@ -275,19 +299,28 @@ def run_study(study: StudyConfig, runs: list[PlannedRun], db: Path, *, executor:
     return executed
 
 
-def _execute(todo: list[PlannedRun], study: str, executor: str, cpus: float, gpus: float, on_start):
-    """Yield each run's record as it completes."""
+def _execute(todo: list[PlannedRun], study: str, executor: str, cpus: float, gpus: float, on_start,
+             progress: bool = False):
+    """Yield each run's record as it completes. ``on_start(run)`` returns what takes the run's progress events
+    (memlens.progress.LoopLines; local runs only, with ``progress``)."""
     if executor == "local":
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("spawn")
+        level = logging.getLogger("memlens").getEffectiveLevel()
         for r in todo:
-            on_start(r)
+            lines = on_start(r)
             t = time.perf_counter()
-            # one fresh process per run: nothing (memory, threads, RNG state) carries over to the next
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                record = pool.submit(_worker, r.config.model_dump(mode="json"), study).result()
+            events = ctx.Queue()
+            relay = _Relay(events, lines)
+            try:
+                # one fresh process per run: nothing (memory, threads, RNG state) carries over to the next
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_forward_to_study,
+                                         initargs=(events, level, progress)) as pool:
+                    record = pool.submit(_worker, r.config.model_dump(mode="json"), study, None, progress).result()
+            finally:
+                relay.stop()  # the worker has exited: what it sent is all in the queue
             log.info("run %s done in %.0f s", r.label, time.perf_counter() - t)
             yield record
         return
@@ -316,3 +349,39 @@ def _execute(todo: list[PlannedRun], study: str, executor: str, cpus: float, gpu
                 ray.shutdown()
         return
     raise MemlensError(f"unknown executor {executor!r}: expected local, ray or ray:ADDRESS")
+
+
+class _Relay:
+    """A thread of the study's process that takes a local worker's events off their queue: log records are logged
+    here (under the worker's logger names), progress events go to ``lines``."""
+
+    def __init__(self, events: Any, lines: Any) -> None:
+        import threading
+
+        self.events, self.lines, self.done = events, lines, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="memlens-study-relay")
+        self.thread.start()
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            try:
+                item = self.events.get(timeout=0.2)
+            except queue.Empty:
+                if self.done.is_set():
+                    return
+                continue
+            except (EOFError, OSError):
+                return
+            if isinstance(item, logging.LogRecord):
+                logging.getLogger(item.name).handle(item)
+            elif self.lines is not None:
+                self.lines(item)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+        if self.lines is not None:
+            self.lines.close()
+        self.events.close()
