@@ -1,12 +1,13 @@
 """memlens.progress: a loop's progress drawn, forwarded as events, and shown again by a study."""
 
+import io
 import logging
 
 import pytest
-from rich.progress import Progress
+from rich.console import Console
 
 import memlens.progress as P
-from memlens.progress import LoopLines, forward_to, progress_bar
+from memlens.progress import LoopLines, forward_to, progress_bar, study_progress
 
 
 @pytest.fixture
@@ -33,6 +34,15 @@ def test_a_loop_that_fails_still_ends_and_a_disabled_one_says_nothing(forwarded)
         advance(2)
         raise RuntimeError("stop")
     assert forwarded[0] == ("start", "score", 5, 0, "seq") and forwarded[-1][:5] == ("end", "score", 2, 5, "seq")
+
+    def broken(event):
+        raise OSError("the queue is closed")
+
+    forward_to(broken)  # a sink that fails neither stops the loop nor hides its own error
+    with pytest.raises(RuntimeError, match="its own"), progress_bar("score", 5) as advance:
+        advance(5)
+        raise RuntimeError("its own")
+    forward_to(forwarded.append)
     forwarded.clear()
     with progress_bar("score", 5, enabled=False) as advance:
         advance(5, loss="1")
@@ -48,21 +58,34 @@ def test_a_drawn_bar_takes_its_fields_and_a_head_start(capsys):
 
 def test_loop_lines_nest_update_the_innermost_and_log_the_long_ones(caplog, monkeypatch):
     monkeypatch.setattr(P, "LOGGED_S", 60.0)
-    bar = Progress(disable=True)
+    out = io.StringIO()
+    bar = study_progress(console=Console(file=out, force_terminal=True, width=160))
+    bar.start()
+    bar.add_task("study t", total=3, current="lora.targets=[q]")
     lines = LoopLines(bar, "run lora.rank=1")
     with caplog.at_level(logging.INFO, logger="memlens.progress"):
         lines(("start", "references", 4, 0, "adapters"))
         lines(("start", "train", 138, 20, "steps"))
         shown = {t.description: t for t in bar.tasks}
-        assert set(shown) == {"  references", "    train"} and shown["    train"].completed == 20
+        assert set(shown) == {"study t", "  references", "    train"} and shown["    train"].completed == 20
         lines(("update", 57, {"loss": "3.1042", "tok/s": "120"}))
         train = next(t for t in bar.tasks if t.description == "    train")
         assert train.completed == 57 and train.fields["current"] == "steps loss 3.1042 tok/s 120"
         assert next(t for t in bar.tasks if t.description == "  references").completed == 0
         lines(("end", "train", 138, 138, "steps", 1850.4))
-        lines(("start", "score reference 1", 100, 0, "seq"))
-        lines(("end", "score reference 1", 100, 100, "seq", 12.0))  # short: no line
-        assert [t.description for t in bar.tasks] == ["  references"]
+        lines(("start", "score [/x] reference 1", 100, 0, "seq"))  # a description is text, not markup
+        lines(("update", 40, {"x": "[bold]"}))
+        bar.refresh()
+        lines(("end", "score [/x] reference 1", 100, 100, "seq", 12.0))  # short: no line
+        assert [t.description for t in bar.tasks] == ["study t", "  references"]
+        lines(("start", "train", 138, 0, "steps"))
+        lines(("end", "train", 138, 138, "steps", 61.0))
+        lines(("start", "train", 138, 70, "steps"))  # went on from a saved state
+        lines(("end", "train", 138, 138, "steps", 900.0))
         lines.close()
-    assert bar.tasks == []
-    assert caplog.messages == ["run lora.rank=1: train 138 of 138 steps in 1850 s"]
+    bar.stop()
+    assert [t.description for t in bar.tasks] == ["study t"]
+    assert "score [/x] reference 1" in out.getvalue() and "x [bold]" in out.getvalue()
+    assert caplog.messages == ["run lora.rank=1: train 138 of 138 steps (from 20) in 1850 s",
+                               "run lora.rank=1: train 138 of 138 steps in 61 s",
+                               "run lora.rank=1: train 138 of 138 steps (from 70) in 900 s"]

@@ -329,3 +329,55 @@ def test_a_workers_log_lines_and_loops_reach_the_study(caplog):
     assert lines[0] == ("start", "count", 3, 0, "things")
     assert lines[-2] == ("update", 3, {"x": "2"}) and lines[-1][:5] == ("end", "count", 3, 3, "things")
     assert lines.closed
+
+
+def test_a_relay_that_cannot_show_an_event_goes_on_reading(caplog):
+    """An item the study cannot show must not stop the reading: a worker whose queue is full cannot exit."""
+    import logging
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    import memlens.study as S
+
+    class Broken:
+        def __call__(self, event):
+            raise ValueError("cannot show it")
+
+        def close(self):
+            pass
+
+    ctx = multiprocessing.get_context("spawn")
+    events = ctx.Queue()
+    relay = S._Relay(events, Broken())
+    with caplog.at_level(logging.INFO, logger="memlens"):
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=S._forward_to_study,
+                                   initargs=(events, logging.INFO, True))
+        try:
+            assert pool.submit(_a_worker_that_fills_its_queue).result() == 3000
+            workers = list(pool._processes.values())
+            closing = threading.Thread(target=pool.shutdown, daemon=True)
+            closing.start()
+            closing.join(60)
+            stuck = closing.is_alive()
+            for w in workers if stuck else []:
+                w.kill()  # what a relay that stopped reading would do to a study: it would wait for ever
+        finally:
+            relay.stop()
+    assert not stuck, "the worker could not exit: its queue was not read"
+    assert not relay.thread.is_alive()
+    assert [m for m in caplog.messages if "could not be shown" in m] == [
+        "the run's progress could not be shown (ValueError: cannot show it); the run goes on"]
+    assert sum(m.startswith("line ") for m in caplog.messages) == 3000  # every log record after the failure too
+
+
+def _a_worker_that_fills_its_queue() -> int:
+    import logging
+
+    from memlens.progress import progress_bar
+
+    with progress_bar("count", 1, unit="things") as advance:
+        advance(1)
+    for i in range(3000):  # about 1 MB: far more than a pipe holds
+        logging.getLogger("memlens.somewhere").info("line %d %s", i, "x" * 300)
+    return 3000

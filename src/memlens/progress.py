@@ -60,9 +60,15 @@ def progress_bar(description: str, total: int, enabled: bool = True, unit: str =
 @contextmanager
 def _forwarded(sink: Callable[[tuple], None], description: str, total: int, unit: str, completed: int,
                fields: dict[str, str]) -> Iterator[Callable[..., None]]:
+    def send(event: tuple) -> None:  # showing progress must never stop the loop or hide its own error
+        try:
+            sink(event)
+        except Exception:  # noqa: BLE001
+            pass
+
     state: dict[str, Any] = {"done": completed, "sent": time.monotonic()}
     t0 = state["sent"]
-    sink(("start", description, total, completed, unit))
+    send(("start", description, total, completed, unit))
 
     def advance(n: int = 1, **f: str) -> None:
         state["done"] += n
@@ -70,24 +76,36 @@ def _forwarded(sink: Callable[[tuple], None], description: str, total: int, unit
         now = time.monotonic()
         if now - state["sent"] >= FORWARD_EVERY_S:
             state["sent"] = now
-            sink(("update", state["done"], dict(fields)))
+            send(("update", state["done"], dict(fields)))
 
     try:
         yield advance
     finally:
-        sink(("update", state["done"], dict(fields)))
-        sink(("end", description, state["done"], total, unit, time.monotonic() - t0))
+        send(("update", state["done"], dict(fields)))
+        send(("end", description, state["done"], total, unit, time.monotonic() - t0))
+
+
+def study_progress(enabled: bool = True, console: Any = None) -> Any:
+    """The rich Progress of a study: its own line (description ``study NAME``, ``current``: the run in progress) and
+    those of its runs' loops (:class:`LoopLines`); descriptions and figures are shown as written, never as markup."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[current]}", markup=False), TimeElapsedColumn(), TextColumn("left"),
+                    TimeRemainingColumn(), disable=not enabled, console=console)
 
 
 class LoopLines:
     """A worker's loops, from its events, as lines of a rich Progress below the study's own (a loop inside another,
     such as a reference adapter's training inside the references' loop, one line further down), and a log line
-    ``PREFIX: DESCRIPTION DONE of TOTAL UNIT in SECONDS s`` for each that took at least :data:`LOGGED_S`. The Progress
-    shows ``{task.description}`` and ``{task.fields[current]}`` (the loop's unit and figures)."""
+    ``PREFIX: DESCRIPTION DONE of TOTAL UNIT in SECONDS s`` for each that took at least :data:`LOGGED_S` (``(from N)``
+    after the unit where the loop went on from N done before, the seconds being this try's). The Progress shows
+    ``{task.description}`` and ``{task.fields[current]}`` (the loop's unit and figures), both without markup."""
 
     def __init__(self, bar: Any, prefix: str) -> None:
         self.bar, self.prefix = bar, prefix
-        self.open: list[tuple[Any, str]] = []  # (task, unit), innermost last
+        self.open: list[tuple[Any, str, int]] = []  # (task, unit, done at the start), innermost last
 
     def __call__(self, event: tuple) -> None:
         kind = event[0]
@@ -95,18 +113,22 @@ class LoopLines:
             _, description, total, completed, unit = event
             indent = "  " * (len(self.open) + 1)
             self.open.append((self.bar.add_task(indent + description, total=total, completed=completed,
-                                                current=unit), unit))
+                                                current=unit), unit, completed))
         elif kind == "update" and self.open:
             _, completed, fields = event
-            task, unit = self.open[-1]
+            task, unit, _ = self.open[-1]
             shown = " ".join([unit, *(f"{k} {v}" for k, v in fields.items())])
             self.bar.update(task, completed=completed, current=shown)
         elif kind == "end":
             _, description, completed, total, unit, seconds = event
+            head = 0
             if self.open:
-                self.bar.remove_task(self.open.pop()[0])
+                task, _, head = self.open.pop()
+                self.bar.remove_task(task)
             if seconds >= LOGGED_S:
-                log.info("%s: %s %d of %d %s in %.0f s", self.prefix, description, completed, total, unit, seconds)
+                went_on = f" (from {head})" if head else ""
+                log.info("%s: %s %d of %d %s%s in %.0f s", self.prefix, description, completed, total, unit, went_on,
+                         seconds)
 
     def close(self) -> None:
         """Take away the lines of loops that never said they ended (a worker that died)."""

@@ -260,11 +260,8 @@ def run_study(study: StudyConfig, runs: list[PlannedRun], db: Path, *, executor:
               progress: bool = True, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> list[str]:
     """Execute the runs not yet in the store (after :func:`memlens.resume.check_resume`); returns the ids of those
     executed now."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
     from memlens.audit import store_record
-    from memlens.progress import LoopLines
+    from memlens.progress import LoopLines, study_progress
     from memlens.resume import check_resume
 
     check_resume(study.name, runs, db)
@@ -273,11 +270,8 @@ def run_study(study: StudyConfig, runs: list[PlannedRun], db: Path, *, executor:
     log.info("study %s: %d runs, %d already in %s, %d to do", study.name, len(runs), len(runs) - len(todo), db,
              len(todo))
     executed: list[str] = []
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[current]}", markup=False), TimeElapsedColumn(), TextColumn("left"),
-               TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("[bold]study " + study.name, total=len(runs), completed=len(runs) - len(todo),
+    with study_progress(enabled=progress) as bar:
+        task = bar.add_task("study " + study.name, total=len(runs), completed=len(runs) - len(todo),
                             current="")
 
         def started(r: PlannedRun) -> LoopLines:
@@ -353,35 +347,43 @@ def _execute(todo: list[PlannedRun], study: str, executor: str, cpus: float, gpu
 
 class _Relay:
     """A thread of the study's process that takes a local worker's events off their queue: log records are logged
-    here (under the worker's logger names), progress events go to ``lines``."""
+    here (under the worker's logger names), progress events go to ``lines``. It reads until :meth:`stop`'s end mark,
+    put on the queue once the worker has exited (so after everything the worker sent), and never stops on an item
+    it cannot show: a worker whose queue is not read would block at its exit, and the study with it."""
+
+    END = "memlens-relay-end"
+    STOP_WAIT_S = 10.0  # a worker killed while writing leaves a message cut short: the reader may never get past it
 
     def __init__(self, events: Any, lines: Any) -> None:
         import threading
 
-        self.events, self.lines, self.done = events, lines, threading.Event()
+        self.events, self.lines, self.failed = events, lines, False
         self.thread = threading.Thread(target=self._run, daemon=True, name="memlens-study-relay")
         self.thread.start()
 
     def _run(self) -> None:
-        import queue
-
         while True:
             try:
-                item = self.events.get(timeout=0.2)
-            except queue.Empty:
-                if self.done.is_set():
-                    return
-                continue
+                item = self.events.get()
             except (EOFError, OSError):
                 return
-            if isinstance(item, logging.LogRecord):
-                logging.getLogger(item.name).handle(item)
-            elif self.lines is not None:
-                self.lines(item)
+            if isinstance(item, str) and item == self.END:
+                return
+            try:
+                if isinstance(item, logging.LogRecord):
+                    logging.getLogger(item.name).handle(item)
+                elif self.lines is not None:
+                    self.lines(item)
+            except Exception as e:  # noqa: BLE001
+                if not self.failed:
+                    self.failed = True
+                    log.warning("the run's progress could not be shown (%s: %s); the run goes on", type(e).__name__, e)
 
     def stop(self) -> None:
-        self.done.set()
-        self.thread.join()
+        self.events.put(self.END)
+        self.thread.join(self.STOP_WAIT_S)
+        if self.thread.is_alive():
+            log.warning("the run's last messages could not be read (its process ended while writing one)")
         if self.lines is not None:
             self.lines.close()
         self.events.close()
