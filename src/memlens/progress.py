@@ -66,23 +66,24 @@ def _forwarded(sink: Callable[[tuple], None], description: str, total: int, unit
         except Exception:  # noqa: BLE001
             pass
 
-    state: dict[str, Any] = {"done": completed, "sent": time.monotonic()}
-    t0 = state["sent"]
+    done, t0 = completed, time.monotonic()
+    sent = t0
     send(("start", description, total, completed, unit))
 
     def advance(n: int = 1, **f: str) -> None:
-        state["done"] += n
+        nonlocal done, sent
+        done += n
         fields.update(f)
         now = time.monotonic()
-        if now - state["sent"] >= FORWARD_EVERY_S:
-            state["sent"] = now
-            send(("update", state["done"], dict(fields)))
+        if now - sent >= FORWARD_EVERY_S:
+            sent = now
+            send(("update", done, dict(fields)))
 
     try:
         yield advance
     finally:
-        send(("update", state["done"], dict(fields)))
-        send(("end", description, state["done"], total, unit, time.monotonic() - t0))
+        send(("update", done, dict(fields)))
+        send(("end", description, done, total, unit, time.monotonic() - t0))
 
 
 def study_progress(enabled: bool = True, console: Any = None) -> Any:

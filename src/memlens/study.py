@@ -372,7 +372,7 @@ class _Relay:
             try:
                 if isinstance(item, logging.LogRecord):
                     logging.getLogger(item.name).handle(item)
-                elif self.lines is not None:
+                else:
                     self.lines(item)
             except Exception as e:  # noqa: BLE001
                 if not self.failed:
@@ -384,6 +384,5 @@ class _Relay:
         self.thread.join(self.STOP_WAIT_S)
         if self.thread.is_alive():
             log.warning("the run's last messages could not be read (its process ended while writing one)")
-        if self.lines is not None:
-            self.lines.close()
+        self.lines.close()
         self.events.close()
